@@ -1,0 +1,1 @@
+"""Doorstep ble package."""

@@ -1,0 +1,1 @@
+"""Doorstep bluezsim package."""

@@ -1,0 +1,112 @@
+"""The cloud's side of the DS1 handshake (PROTOCOL.md §5.1 step 3–4, §5.3, §6.1–§6.2).
+
+Pure functions the cloud service calls while answering ``/v1/bind/start`` and
+``/v1/bind/complete``: check the commitment, verify the device's tag, build
+the seal and the wrapped identity, and verify the device's Ack. The service
+supplies all randomness (R, nonces, identifier, K_dev) from its entropy source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from protocol.crypto import NONCE_SIZE, aead_open, aead_seal, equal, initial_subkeys
+from protocol.encoding import u32
+from protocol.errors import AuthenticationError, IdentityError, MessageError
+from protocol.messages import Challenge, Hello, decode_message
+from protocol.schedule import bind_ack, challenge_tag, commitment, transcript_hash
+
+__all__ = [
+    "Identity",
+    "bind_ack",
+    "build_seal",
+    "build_wrapped_identity",
+    "check_commitment",
+    "open_seal",
+    "open_wrapped_identity",
+    "parse_challenge",
+    "transcript_hash",
+    "verify_ack",
+    "verify_challenge_tag",
+]
+
+
+def check_commitment(m1: bytes, commissioner_pub: bytes, commissioner_nonce: bytes) -> Hello:
+    """Decode M1 and check ``Cmt = H("DS1 commit" ‖ ePK_C ‖ N_C)``."""
+    hello = decode_message(m1)
+    if not isinstance(hello, Hello):
+        raise MessageError("m1 is not a HELLO", code="wrong_message")
+    if len(commissioner_pub) != 32 or len(commissioner_nonce) != 16:
+        raise MessageError("commissioner key or nonce has a wrong size", code="wrong_size")
+    if not equal(hello.commitment, commitment(commissioner_pub, commissioner_nonce)):
+        raise AuthenticationError("commitment does not match", code="bad_commitment")
+    return hello
+
+
+def parse_challenge(m2: bytes) -> Challenge:
+    """Decode M2 (tag included)."""
+    challenge = decode_message(m2)
+    if not isinstance(challenge, Challenge):
+        raise MessageError("m2 is not a CHALLENGE", code="wrong_message")
+    return challenge
+
+
+def verify_challenge_tag(k_init: bytes, m1: bytes, m2: bytes) -> None:
+    """Check ``tag_D`` on M2 under the device's ``K_hello``."""
+    k_hello, _, _ = initial_subkeys(k_init)
+    expected = challenge_tag(k_hello, m1, m2[:-16])
+    if not equal(expected, m2[-16:]):
+        raise AuthenticationError("device tag does not verify", code="bad_tag")
+
+
+def build_seal(k_init: bytes, th: bytes, n_d: bytes, session_secret: bytes, nonce: bytes) -> bytes:
+    """``seal = n ‖ AEAD(K_seal, n, N_D ‖ R, aad = TH)`` (76 bytes)."""
+    _, k_seal, _ = initial_subkeys(k_init)
+    return nonce + aead_seal(k_seal, nonce, n_d + session_secret, th)
+
+
+def open_seal(k_seal: bytes, th: bytes, seal: bytes) -> tuple[bytes, bytes]:
+    """The device's side: (N_D, R) from ``seal``."""
+    plain = aead_open(k_seal, seal[:NONCE_SIZE], seal[NONCE_SIZE:], th, what="seal")
+    return plain[:16], plain[16:]
+
+
+@dataclass(frozen=True, repr=False)
+class Identity:
+    """What W carries: the new identifier, K_dev and epoch. ``repr`` hides K_dev."""
+
+    identifier: bytes
+    k_dev: bytes
+    epoch: int
+
+    def __repr__(self) -> str:
+        return f"Identity(identifier={self.identifier.hex()[:8]}…, epoch={self.epoch})"
+
+
+def build_wrapped_identity(
+    k_init: bytes, th: bytes, identity: Identity, nonce: bytes
+) -> bytes:
+    """``W = n ‖ AEAD(K_wrap, n, identifier ‖ K_dev ‖ u32(epoch), aad = TH)`` (80 bytes)."""
+    _, _, k_wrap = initial_subkeys(k_init)
+    plain = identity.identifier + identity.k_dev + u32(identity.epoch)
+    return nonce + aead_seal(k_wrap, nonce, plain, th)
+
+
+def open_wrapped_identity(k_wrap: bytes, th: bytes, w: bytes, active_epoch: int) -> Identity:
+    """The device's side of §5.3 step 2: open W and check its epoch is above the active one."""
+    try:
+        plain = aead_open(k_wrap, w[:NONCE_SIZE], w[NONCE_SIZE:], th, what="wrapped_identity")
+    except AuthenticationError:
+        raise IdentityError("W did not open", code="bad_wrapped_identity") from None
+    if len(plain) != 52:
+        raise IdentityError("W has a wrong size", code="bad_wrapped_identity")
+    identity = Identity(plain[:16], plain[16:48], int.from_bytes(plain[48:], "big"))
+    if identity.epoch <= active_epoch:
+        raise IdentityError("epoch not above the active epoch", code="epoch_rollback")
+    return identity
+
+
+def verify_ack(k_dev: bytes, dev_id: bytes, identity: Identity, th: bytes, ack: bytes) -> None:
+    """Check the device's ``Ack`` (§5.3 step 5) for bind/complete or check-in."""
+    if not equal(bind_ack(k_dev, dev_id, identity.identifier, identity.epoch, th), ack):
+        raise AuthenticationError("ack does not verify", code="bad_ack")
