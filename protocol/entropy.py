@@ -17,15 +17,15 @@ with ``α = 2^-20`` and the §4.3 start-up test over the first 1024 samples.
 
 Failure policy::
 
-    OS source raises / returns short  -> EntropyUnavailable, no bytes (fail closed)
+    OS source raises / returns short  -> EntropyError, no bytes (fail closed)
     hardware raises / returns short   -> hardware left out for good, WARNING alarm
     hardware fails RCT or APT         -> hardware left out for good, ERROR alarm
 
 Errors::
 
-    Exception
-     ├── EntropyUnavailable   the OS source failed; nothing was returned
-     └── HealthTestFailure    a hardware source tripped RCT or APT (.test)
+    protocol.errors.EntropyError   the OS source failed; nothing was returned
+    HealthTestFailure              a hardware source tripped RCT or APT (.test);
+                                   EntropySource handles it, callers never see it
 
 Alarms go to the ``doorstep.entropy`` logger and never carry sample values.
 """
@@ -33,6 +33,7 @@ Alarms go to the ``doorstep.entropy`` logger and never carry sample values.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import math
 import os
@@ -43,6 +44,8 @@ from typing import Final, NoReturn, Protocol
 
 from cryptography.hazmat.primitives import hashes, hmac
 
+from protocol.errors import EntropyError
+
 __all__ = [
     "APT_WINDOW_BINARY",
     "APT_WINDOW_NON_BINARY",
@@ -51,8 +54,8 @@ __all__ = [
     "DEFAULT_HARDWARE_PATH",
     "STARTUP_SAMPLES",
     "DeviceSource",
+    "EntropyError",
     "EntropySource",
-    "EntropyUnavailable",
     "HealthTest",
     "HealthTestFailure",
     "HealthTests",
@@ -89,10 +92,6 @@ _MIX_BLOCK: Final = 32  # SHA-256 output size
 _DECIMAL_DIGITS: Final = 120
 
 
-class EntropyUnavailable(Exception):
-    """The OS entropy source failed; no value is returned (fail closed)."""
-
-
 class SampleKind(enum.Enum):
     """How a hardware source's bytes are split into SP 800-90B samples."""
 
@@ -116,7 +115,7 @@ class HealthTestFailure(Exception):
     """
 
     def __init__(self, test: HealthTest, sample_index: int, cutoff: int) -> None:
-        super().__init__(f"{test.value} failed at sample {sample_index} (cut-off {cutoff})")
+        super().__init__(f"{test.value} tripped at sample {sample_index} (cut-off {cutoff})")
         self.test: Final = test
         #: 1-based index, counted over every sample fed since the tests were created.
         self.sample_index: Final = sample_index
@@ -190,6 +189,7 @@ def adaptive_proportion_cutoff(
     return _apt_cutoff_decimal(h, window, alpha_exponent)
 
 
+@functools.cache
 def _apt_cutoff_exact(h: int, window: int, alpha_exponent: int) -> int:
     # With p = 1/2^h, P(X = j) = comb(W, j) (2^h - 1)^(W - j) / 2^(hW): the tail
     # test P(X >= c) <= 2^-a becomes the integer test 2^a · Σ_{j>=c} ... <= 2^(hW).
@@ -205,6 +205,7 @@ def _apt_cutoff_exact(h: int, window: int, alpha_exponent: int) -> int:
     return 0  # unreachable: the full tail is 1 > α
 
 
+@functools.cache
 def _apt_cutoff_decimal(h: Fraction, window: int, alpha_exponent: int) -> int:
     # 2^-H is irrational for non-integer H; 120 significant digits leave the
     # comparison with α ≈ 1e-6 at least ~100 digits of headroom.
@@ -213,11 +214,13 @@ def _apt_cutoff_decimal(h: Fraction, window: int, alpha_exponent: int) -> int:
         p = Decimal(2) ** (-(Decimal(h.numerator) / Decimal(h.denominator)))
         q = 1 - p
         alpha = Decimal(2) ** -alpha_exponent
+        term = p**window  # P(X = W); then P(X = j-1) = P(X = j) · j/(W-j+1) · q/p
         tail = Decimal(0)
         for j in range(window, -1, -1):
-            tail += math.comb(window, j) * p**j * q ** (window - j)
+            tail += term
             if tail > alpha:
                 return j + 1
+            term = term * j / (window - j + 1) * q / p
     return 0  # unreachable
 
 
@@ -383,6 +386,14 @@ def _mix(os_bytes: bytes, hw_bytes: bytes) -> bytes:
     return bytes(out)
 
 
+def _draw(hardware: RawSource, n: int) -> bytes:
+    data = hardware.read(n)
+    if not isinstance(data, bytes) or len(data) != n:
+        # A short read is an I/O fault and is reported like one.
+        raise OSError(0, "short read")
+    return data
+
+
 def _startup_bytes(kind: SampleKind) -> int:
     return STARTUP_SAMPLES if kind is SampleKind.BYTE else STARTUP_SAMPLES // 8
 
@@ -424,7 +435,7 @@ class EntropySource:
         return self._health
 
     def read(self, n: int) -> bytes:
-        """Return exactly ``n`` random bytes, or raise :class:`EntropyUnavailable`."""
+        """Return exactly ``n`` random bytes, or raise :class:`~protocol.errors.EntropyError`."""
         if n < 0:
             raise ValueError("n must be non-negative")
         if n == 0:
@@ -440,34 +451,28 @@ class EntropySource:
         try:
             data = self._os.read(n)
         except OSError as exc:
-            raise EntropyUnavailable(f"OS entropy source failed: {exc.strerror or exc}") from exc
+            raise EntropyError(f"OS entropy source failed: {exc.strerror or exc}") from exc
         if not isinstance(data, bytes) or len(data) != n:
-            raise EntropyUnavailable("OS entropy source returned the wrong number of bytes")
+            raise EntropyError("OS entropy source returned the wrong number of bytes")
         return data
 
     def _read_hardware(self, n: int) -> bytes | None:
-        if self._hardware is None:
+        hardware = self._hardware
+        if hardware is None:
             return None
         try:
             if not self._started:
-                self._health.feed(self._draw_hardware(_startup_bytes(self._health.kind)))
+                # §4.3 start-up test; these samples are discarded.
+                self._health.feed(_draw(hardware, _startup_bytes(self._health.kind)))
                 self._started = True
-            data = self._draw_hardware(n)
+            data = _draw(hardware, n)
             self._health.feed(data)
         except HealthTestFailure as failure:
-            self._drop(logging.ERROR, f"failed the {failure}")
+            self._drop(logging.ERROR, f"failed a health test: {failure}")
             return None
         except OSError as exc:
             self._drop(logging.WARNING, f"could not be read ({exc.strerror or type(exc).__name__})")
             return None
-        return data
-
-    def _draw_hardware(self, n: int) -> bytes:
-        assert self._hardware is not None
-        data = self._hardware.read(n)
-        if not isinstance(data, bytes) or len(data) != n:
-            # A short read is an I/O fault, reported like one.
-            raise OSError(0, "short read")
         return data
 
     def _drop(self, level: int, reason: str) -> None:
