@@ -25,8 +25,15 @@ def _nonce(iv: bytes, seq: int) -> bytes:
 class SecureChannel:
     """Seals outgoing and opens incoming inner messages for one side of a session."""
 
-    __slots__ = ("_failed", "_recv_aead", "_recv_iv", "_recv_seq", "_send_aead", "_send_iv",
-                 "_send_seq")
+    __slots__ = (
+        "_failed",
+        "_recv_aead",
+        "_recv_iv",
+        "_recv_seq",
+        "_send_aead",
+        "_send_iv",
+        "_send_seq",
+    )
 
     def __init__(self, send_key: bytes, send_iv: bytes, recv_key: bytes, recv_iv: bytes) -> None:
         self._send_aead = ChaCha20Poly1305(send_key)

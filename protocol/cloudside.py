@@ -83,9 +83,7 @@ class Identity:
         return f"Identity(identifier={self.identifier.hex()[:8]}…, epoch={self.epoch})"
 
 
-def build_wrapped_identity(
-    k_init: bytes, th: bytes, identity: Identity, nonce: bytes
-) -> bytes:
+def build_wrapped_identity(k_init: bytes, th: bytes, identity: Identity, nonce: bytes) -> bytes:
     """``W = n ‖ AEAD(K_wrap, n, identifier ‖ K_dev ‖ u32(epoch), aad = TH)`` (80 bytes)."""
     _, _, k_wrap = initial_subkeys(k_init)
     plain = identity.identifier + identity.k_dev + u32(identity.epoch)

@@ -29,7 +29,7 @@ from protocol.errors import (
     SessionTimeout,
     StateError,
     Status,
-    status_from_int,
+    peer_status,
 )
 from protocol.framing import MIN_FRAGMENT_PAYLOAD, Reassembler, fragment
 from protocol.handshake import BindStartRequest, CommissionerHandshake, HandshakeResult
@@ -317,7 +317,7 @@ class CommissionerSession:
         if isinstance(msg, Error):
             if self.state in _SECURE:
                 raise StateError("ERROR after M4")
-            status = status_from_int(msg.status) or Status.PROTOCOL_ERROR
+            status = peer_status(msg.status)
             self._end(status, msg.reason, by_device=True)
             return
         if self.state is C.AWAIT_CHALLENGE:
@@ -338,7 +338,7 @@ class CommissionerSession:
 
     def _receive_inner(self, inner: InnerMessage) -> None:
         if isinstance(inner, Close):
-            status = status_from_int(inner.status) or Status.PROTOCOL_ERROR
+            status = peer_status(inner.status)
             self._end(status, "device closed the session", by_device=True)
         elif isinstance(inner, ScanResult):
             self._advance(CI.SCAN_RESULT)
@@ -362,7 +362,7 @@ class CommissionerSession:
             raise StateError("RESULT without PROVISION")
         self._timers.stop(CommissionerTimer.ANSWER)
         self._timers.stop(CommissionerTimer.RESULT)
-        status = status_from_int(result.status) or Status.PROTOCOL_ERROR
+        status = peer_status(result.status)
         if status is Status.OK:
             assert result.ack is not None
             self._advance(CI.RESULT_OK)

@@ -34,7 +34,7 @@ from protocol.errors import (
     SessionTimeout,
     StateError,
     Status,
-    status_from_int,
+    peer_status,
 )
 from protocol.factory import FactoryRecord
 from protocol.framing import MIN_FRAGMENT_PAYLOAD, Reassembler, fragment
@@ -114,7 +114,9 @@ DEVICE_SESSION_TABLE: dict[tuple[DeviceSessionState, DeviceInput], DeviceSession
 }
 
 # States after M4: errors there close without an ERROR message.
-_SECURE_STATES = frozenset({S.SECURE, S.SCANNING, S.CONFIRMING, S.JOINING, S.STORING, S.PROVISIONED})
+_SECURE_STATES = frozenset(
+    {S.SECURE, S.SCANNING, S.CONFIRMING, S.JOINING, S.STORING, S.PROVISIONED}
+)
 
 
 class DeviceTimer(Enum):
@@ -358,7 +360,7 @@ class DeviceSession:
 
     def _receive_inner(self, inner: InnerMessage) -> None:
         if isinstance(inner, Close):
-            status = status_from_int(inner.status) or Status.PROTOCOL_ERROR
+            status = peer_status(inner.status)
             self._end(status, "commissioner closed the session")
             return
         if self.state is S.PROVISIONED:
@@ -402,7 +404,9 @@ class DeviceSession:
         self._timers.start(DeviceTimer.USER, USER_CONFIRM_S)
         deadline = self._timers.clock() + USER_CONFIRM_S
         self._events.append(
-            ConfirmationRequested(credentials.ssid, credentials.security, self._result.sas, deadline)
+            ConfirmationRequested(
+                credentials.ssid, credentials.security, self._result.sas, deadline
+            )
         )
 
     def _start_join(self) -> None:
@@ -478,8 +482,9 @@ class DeviceSession:
         assert self._identity is not None and self._credentials is not None
         assert self._result is not None
         ident = self._identity
-        ack = bind_ack(ident.k_dev, self._factory.dev_id, ident.identifier, ident.epoch,
-                       self._result.th)
+        ack = bind_ack(
+            ident.k_dev, self._factory.dev_id, ident.identifier, ident.epoch, self._result.th
+        )
         self._pending = PendingRecord(self._credentials, ident, ack, self._result.th)
         self._events.append(StoreRequested(self._pending))
         return self._drain()

@@ -88,6 +88,15 @@ def status_from_int(value: int) -> Status | None:
         return None
 
 
+def peer_status(value: int) -> Status:
+    """A peer's wire status; an unassigned value counts as a protocol error.
+
+    (Not ``status_from_int(v) or …``: ``Status.OK`` is 0 and therefore falsy.)
+    """
+    status = status_from_int(value)
+    return Status.PROTOCOL_ERROR if status is None else status
+
+
 class DS1Error(Exception):
     """Base of all Doorstep protocol errors: a stable ``code`` and a DS1 ``status``."""
 
@@ -195,6 +204,9 @@ class SignatureError(DS1Error):
 
 
 class EntropyError(DS1Error):
-    """The OS entropy source failed: no random value is produced (fail closed)."""
+    """The OS entropy source failed: no random value is produced (fail closed).
+
+    Never sent on the air; its status only matters if it ends a session.
+    """
 
     code = "entropy_unavailable"

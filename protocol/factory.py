@@ -24,7 +24,9 @@ class FactoryRecord:
     model: str
 
     def __repr__(self) -> str:
-        return f"FactoryRecord(dev_id={self.dev_id.hex()}, mac={self.mac_text}, model={self.model!r})"
+        return (
+            f"FactoryRecord(dev_id={self.dev_id.hex()}, mac={self.mac_text}, model={self.model!r})"
+        )
 
     @property
     def mac_text(self) -> str:
@@ -54,11 +56,15 @@ class FactoryRecord:
             dev_id = hex_decode(data["dev_id"], 16)
             mac_text = data["mac"]
             if not isinstance(mac_text, str) or not _MAC.fullmatch(mac_text):
-                raise MessageError("mac must look like AA:BB:CC:DD:EE:FF", code="bad_factory_record")
+                raise MessageError(
+                    "mac must look like AA:BB:CC:DD:EE:FF", code="bad_factory_record"
+                )
             k_init = b64url_decode(data["initial_key"])
             model = data["model"]
         except KeyError as exc:
-            raise MessageError(f"factory record lacks {exc.args[0]}", code="bad_factory_record") from None
+            raise MessageError(
+                f"factory record lacks {exc.args[0]}", code="bad_factory_record"
+            ) from None
         if len(k_init) != 32:
             raise MessageError("initial_key must be 32 bytes", code="bad_factory_record")
         if not isinstance(model, str) or not 1 <= len(model.encode("utf-8")) <= 32:
@@ -70,5 +76,7 @@ class FactoryRecord:
         try:
             data = json.loads(text)
         except ValueError:
-            raise MessageError("factory record is not valid JSON", code="bad_factory_record") from None
+            raise MessageError(
+                "factory record is not valid JSON", code="bad_factory_record"
+            ) from None
         return cls.from_json(data)

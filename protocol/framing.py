@@ -82,7 +82,9 @@ class Reassembler:
         counter = header & COUNTER_MASK
         if header & FIRST:
             if self._expected:
-                raise self._fail("FIRST fragment while a message is in progress", "unexpected_first")
+                raise self._fail(
+                    "FIRST fragment while a message is in progress", "unexpected_first"
+                )
             if counter != 0:
                 raise self._fail("FIRST fragment with a non-zero counter", "bad_counter")
             if len(data) < 4:

@@ -19,7 +19,9 @@ from protocol.commissioner_side import (
 )
 from protocol.device_side import DeviceEvent, DeviceSession, HelloReceived
 from protocol.factory import FactoryRecord
+from protocol.framing import Reassembler, fragment
 from protocol.handshake import BindStartRequest
+from protocol.messages import InnerMessage, decode_inner
 from protocol.schedule import transcript_hash
 
 
@@ -76,8 +78,9 @@ class LocalCloud:
 
     def complete(self, ack: bytes) -> cloudside.Identity:
         answer = self.answers[-1]
-        cloudside.verify_ack(answer.identity.k_dev, self.factory.dev_id, answer.identity,
-                             answer.th, ack)
+        cloudside.verify_ack(
+            answer.identity.k_dev, self.factory.dev_id, answer.identity, answer.th, ack
+        )
         return answer.identity
 
 
@@ -109,8 +112,14 @@ def make_pair(
 ) -> Pair:
     factory = make_factory()
     clock = clock or FakeClock()
-    dev = DeviceSession(factory, reset_ctr=0, active_epoch=active_epoch, rng=os.urandom,
-                        clock=clock, max_fragment=mtu - 3)
+    dev = DeviceSession(
+        factory,
+        reset_ctr=0,
+        active_epoch=active_epoch,
+        rng=os.urandom,
+        clock=clock,
+        max_fragment=mtu - 3,
+    )
     com = CommissionerSession(rng=os.urandom, clock=clock, max_fragment=mtu - 3)
     return Pair(dev, com, LocalCloud(factory, epoch=cloud_epoch), clock)
 
@@ -135,3 +144,25 @@ def handshake(pair: Pair) -> tuple[str, str]:
     assert len(com_events) == 1 and isinstance(com_events[0], Authenticated)
     (dev_auth,) = dev_events
     return dev_auth.sas, com_events[0].sas  # type: ignore[union-attr]
+
+
+def inject_inner(pair: Pair, inner: bytes) -> list[DeviceEvent]:
+    """Send an inner message on the commissioner's real channel, bypassing its checks."""
+    assert pair.com._result is not None
+    record = pair.com._result.channel.seal(inner)
+    events: list[DeviceEvent] = []
+    for frag in fragment(record, pair.com.max_fragment):
+        events += pair.dev.receive_fragment(frag)
+    return events
+
+
+def read_device_inner(pair: Pair) -> list[InnerMessage]:
+    """Open what the device sent, on the commissioner's real channel."""
+    assert pair.com._result is not None
+    reassembler = Reassembler()
+    out: list[InnerMessage] = []
+    for frag in pair.dev.data_to_send():
+        message = reassembler.feed(frag)
+        if message is not None:
+            out.append(decode_inner(pair.com._result.channel.open_message(message)))
+    return out

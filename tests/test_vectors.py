@@ -82,9 +82,15 @@ def test_commitment_tag_th_and_schedule() -> None:
 
 def test_ticket_is_our_cbor_choice() -> None:
     decoded = VECTORS["inputs"]["ticket_decoded"]
-    ticket = cbor_encode({1: bytes.fromhex(decoded["1_attempt_id"]), 2: decoded["2_principal"],
-                          3: decoded["3_issue_time"], 4: decoded["4_validity_s"],
-                          5: decoded["5_flags"]})
+    ticket = cbor_encode(
+        {
+            1: bytes.fromhex(decoded["1_attempt_id"]),
+            2: decoded["2_principal"],
+            3: decoded["3_issue_time"],
+            4: decoded["4_validity_s"],
+            5: decoded["5_flags"],
+        }
+    )
     assert ticket == x("ticket")
     assert cbor_decode_map(ticket)[2] == "user:1"
 
@@ -97,8 +103,13 @@ def test_seal_w_and_ack() -> None:
     assert w == x("W")
     opened = cloudside.open_wrapped_identity(x("K_wrap"), x("TH"), w, active_epoch=0)
     assert (opened.identifier, opened.k_dev, opened.epoch) == (x("identifier"), x("K_dev"), 1)
-    ack = bind_ack(x("K_dev"), bytes.fromhex(VECTORS["inputs"]["factory_record"]["dev_id"]),
-                   x("identifier"), 1, x("TH"))
+    ack = bind_ack(
+        x("K_dev"),
+        bytes.fromhex(VECTORS["inputs"]["factory_record"]["dev_id"]),
+        x("identifier"),
+        1,
+        x("TH"),
+    )
     assert ack == x("Ack")
 
 
@@ -155,15 +166,29 @@ def test_http_bodies() -> None:
 
 def test_request_signature() -> None:
     rs = VECTORS["request_signature"]
-    header = sign_request(bytes.fromhex(rs["identifier"]), bytes.fromhex(rs["K_dev"]),
-                          rs["method"], rs["path"], rs["body"].encode(), int(rs["ts"]),
-                          bytes.fromhex(rs["nonce"]))
+    header = sign_request(
+        bytes.fromhex(rs["identifier"]),
+        bytes.fromhex(rs["K_dev"]),
+        rs["method"],
+        rs["path"],
+        rs["body"].encode(),
+        int(rs["ts"]),
+        bytes.fromhex(rs["nonce"]),
+    )
     assert header == rs["authorization"]
     auth = parse_authorization(header)
     assert auth.sig.hex() == rs["sig"]
     from protocol.signature import mac_input
 
-    assert mac_input(rs["method"], rs["path"], auth.ts, auth.nonce, rs["body"].encode()).hex() \
+    assert (
+        mac_input(rs["method"], rs["path"], auth.ts, auth.nonce, rs["body"].encode()).hex()
         == rs["mac_input"]
-    verify_request(auth, bytes.fromhex(rs["K_dev"]), rs["method"], rs["path"],
-                   rs["body"].encode(), now=int(rs["ts"]) + 299)
+    )
+    verify_request(
+        auth,
+        bytes.fromhex(rs["K_dev"]),
+        rs["method"],
+        rs["path"],
+        rs["body"].encode(),
+        now=int(rs["ts"]) + 299,
+    )
