@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protocol.crypto import NONCE_SIZE, aead_open, aead_seal, equal, initial_subkeys
+from protocol.crypto import (
+    LABEL_KEY_HELLO,
+    LABEL_KEY_SEAL,
+    LABEL_KEY_WRAP,
+    NONCE_SIZE,
+    aead_open,
+    aead_seal,
+    equal,
+    hkdf,
+)
 from protocol.encoding import u32
 from protocol.errors import AuthenticationError, IdentityError, MessageError
 from protocol.messages import Challenge, Hello, decode_message
@@ -53,7 +62,7 @@ def parse_challenge(m2: bytes) -> Challenge:
 
 def verify_challenge_tag(k_init: bytes, m1: bytes, m2: bytes) -> None:
     """Check ``tag_D`` on M2 under the device's ``K_hello``."""
-    k_hello, _, _ = initial_subkeys(k_init)
+    k_hello = hkdf(k_init, LABEL_KEY_HELLO, 32)
     expected = challenge_tag(k_hello, m1, m2[:-16])
     if not equal(expected, m2[-16:]):
         raise AuthenticationError("device tag does not verify", code="bad_tag")
@@ -61,7 +70,7 @@ def verify_challenge_tag(k_init: bytes, m1: bytes, m2: bytes) -> None:
 
 def build_seal(k_init: bytes, th: bytes, n_d: bytes, session_secret: bytes, nonce: bytes) -> bytes:
     """``seal = n ‖ AEAD(K_seal, n, N_D ‖ R, aad = TH)`` (76 bytes)."""
-    _, k_seal, _ = initial_subkeys(k_init)
+    k_seal = hkdf(k_init, LABEL_KEY_SEAL, 32)
     return nonce + aead_seal(k_seal, nonce, n_d + session_secret, th)
 
 
@@ -85,7 +94,7 @@ class Identity:
 
 def build_wrapped_identity(k_init: bytes, th: bytes, identity: Identity, nonce: bytes) -> bytes:
     """``W = n ‖ AEAD(K_wrap, n, identifier ‖ K_dev ‖ u32(epoch), aad = TH)`` (80 bytes)."""
-    _, _, k_wrap = initial_subkeys(k_init)
+    k_wrap = hkdf(k_init, LABEL_KEY_WRAP, 32)
     plain = identity.identifier + identity.k_dev + u32(identity.epoch)
     return nonce + aead_seal(k_wrap, nonce, plain, th)
 

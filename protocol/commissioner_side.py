@@ -321,12 +321,12 @@ class CommissionerSession:
             self._end(status, msg.reason, by_device=True)
             return
         if self.state is C.AWAIT_CHALLENGE:
-            request = self._handshake.receive_challenge(message)
+            request = self._handshake.receive_challenge(message, msg)
             self._advance(CI.CHALLENGE)
             self._timers.stop(CommissionerTimer.ANSWER)
             self._events.append(BindStartNeeded(request))
         elif self.state is C.AWAIT_AUTH_OK:
-            self._result = self._handshake.receive_auth_ok(message)
+            self._result = self._handshake.receive_auth_ok(message, msg)
             self._advance(CI.AUTH_OK)
             self._timers.stop(CommissionerTimer.ANSWER)
             self._events.append(Authenticated(self._result.sas, self._result.challenge))

@@ -56,6 +56,8 @@ def extract(salt: bytes, ikm: bytes) -> bytes:
 
 def expand(prk: bytes, info: bytes, length: int) -> bytes:
     """HKDF-Expand (RFC 5869 §2.3)."""
+    if length <= 32:  # one block: the common case in DS1
+        return hmac_sha256(prk, info + b"\x01")[:length]
     if length > 255 * 32:
         raise ValueError("HKDF output too long")
     out = b""

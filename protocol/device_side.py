@@ -249,6 +249,7 @@ class DeviceSession:
         self._identity: Identity | None = None
         self._pending: PendingRecord | None = None
         self._m1 = b""
+        self._hello: Hello | None = None
         self._sent_m2 = False
         self._accepted_m3 = False
 
@@ -331,6 +332,7 @@ class DeviceSession:
                 raise StateError(f"expected HELLO, got {type(msg).__name__}")
             self._advance(I.HELLO)
             self._m1 = message
+            self._hello = msg
             self._timers.stop(DeviceTimer.HELLO)
             self._timers.start(DeviceTimer.SESSION, SESSION_S)
             self._events.append(HelloReceived())
@@ -350,7 +352,7 @@ class DeviceSession:
             raise AuthenticationError(f"bad M3: {exc.message}", code="bad_m3") from None
         if not isinstance(msg, Auth):
             raise AuthenticationError("expected AUTH", code="unexpected_message")
-        m4, result = self._handshake.receive_auth(message)
+        m4, result = self._handshake.receive_auth(message, msg)
         self._advance(I.AUTH)
         self._accepted_m3 = True
         self._timers.stop(DeviceTimer.AUTH)
@@ -425,7 +427,7 @@ class DeviceSession:
             return self._drain()
         self._advance(I.ADMIT)
         try:
-            m2 = self._handshake.receive_hello(self._m1)
+            m2 = self._handshake.receive_hello(self._m1, self._hello)
         except DS1Error as exc:
             self._fail(exc)
             return self._drain()

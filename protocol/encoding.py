@@ -23,13 +23,57 @@ CborValue = int | bytes | str | list["CborValue"] | dict[int, "CborValue"]
 _MAX_DEPTH = 8
 
 
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted(v) for v in value]
+    return value
+
+
 def cbor_encode(value: Any) -> bytes:
-    """Core deterministic CBOR encoding of ints, bytes, str, lists and uint-keyed maps."""
-    return cbor2.dumps(value, canonical=True)
+    """Core deterministic CBOR encoding of ints, bytes, str, lists and uint-keyed maps.
+
+    cbor2 always writes shortest forms; for unsigned integer keys, numeric
+    order is the bytewise order of their encodings that RFC 8949 §4.2.1
+    asks for, so sorting the keys here gives deterministic output without
+    cbor2's (three times slower) canonical mode. Tests compare both.
+    """
+    return cbor2.dumps(_sorted(value))
+
+
+def _plain(value: object, depth: int = 0) -> bool:
+    """True if ``value`` only holds DS1's CBOR types (no tags, floats, simple values)."""
+    if isinstance(value, (bytes, str)) or (type(value) is int):
+        return True
+    if depth >= _MAX_DEPTH:
+        return False
+    if isinstance(value, list):
+        return all(_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(type(k) is int and k >= 0 and _plain(v, depth + 1) for k, v in value.items())
+    return False
 
 
 def cbor_decode(data: bytes) -> CborValue:
-    """Decode exactly one CBOR item spanning all of ``data`` under the §4 rules."""
+    """Decode exactly one CBOR item spanning all of ``data`` under the §4 rules.
+
+    Fast path: when cbor2's C decoder reads the bytes and re-encoding the result
+    deterministically (``cbor_encode``) gives the same bytes back, the input had no indefinite
+    lengths, duplicate keys or trailing bytes; a type walk then excludes tags,
+    floats and simple values. Anything else (including valid non-shortest
+    forms) takes the strict decoder below, which also names the exact error.
+    """
+    try:
+        value = cbor2.loads(data)
+        if _plain(value) and cbor_encode(value) == data:
+            return value  # type: ignore[no-any-return]
+    except Exception:  # noqa: S110 - any decoder complaint: let the strict path explain it
+        pass
+    return _strict_decode(data)
+
+
+def _strict_decode(data: bytes) -> CborValue:
     value, end = _decode_item(memoryview(data), 0, 0)
     if end != len(data):
         raise MessageError("trailing bytes after CBOR item", code="cbor_trailing_bytes")

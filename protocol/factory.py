@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+from protocol.crypto import initial_subkeys
 from protocol.encoding import b64url_decode, b64url_encode, hex_decode
 from protocol.errors import MessageError
 
@@ -27,6 +29,11 @@ class FactoryRecord:
         return (
             f"FactoryRecord(dev_id={self.dev_id.hex()}, mac={self.mac_text}, model={self.model!r})"
         )
+
+    @cached_property
+    def subkeys(self) -> tuple[bytes, bytes, bytes]:
+        """(K_hello, K_seal, K_wrap), derived once per record (a device derives them at boot)."""
+        return initial_subkeys(self.k_init)
 
     @property
     def mac_text(self) -> str:

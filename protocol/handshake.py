@@ -19,11 +19,11 @@ from enum import Enum, auto
 
 from protocol.channel import SecureChannel
 from protocol.cloudside import open_seal
-from protocol.crypto import EphemeralKey, RandomSource, equal, initial_subkeys
+from protocol.crypto import EphemeralKey, RandomSource, equal
 from protocol.encoding import b64url_encode
 from protocol.errors import AuthenticationError, DS1Error, MessageError, StateError
 from protocol.factory import FactoryRecord
-from protocol.messages import Auth, AuthOk, Challenge, Hello, decode_message
+from protocol.messages import Auth, AuthOk, Challenge, Hello, OuterMessage, decode_message
 from protocol.schedule import (
     SessionKeys,
     challenge_tag,
@@ -145,11 +145,11 @@ class CommissionerHandshake:
         self._m1 = Hello(commitment(self._key.public, self._n_c)).encode()
         return self._m1
 
-    def receive_challenge(self, m2: bytes) -> BindStartRequest:
+    def receive_challenge(self, m2: bytes, decoded: OuterMessage | None = None) -> BindStartRequest:
         """Take M2; return the bind/start request for the cloud."""
         self._advance(HandshakeInput.CHALLENGE)
         try:
-            msg = decode_message(m2)
+            msg = decode_message(m2) if decoded is None else decoded
             if not isinstance(msg, Challenge):
                 raise StateError(f"expected CHALLENGE, got {type(msg).__name__}")
         except DS1Error:
@@ -176,12 +176,12 @@ class CommissionerHandshake:
         self._z = z
         return Auth(self._key.public, self._n_c, ticket, seal, self._keys.fin_c).encode()
 
-    def receive_auth_ok(self, m4: bytes) -> HandshakeResult:
+    def receive_auth_ok(self, m4: bytes, decoded: OuterMessage | None = None) -> HandshakeResult:
         """Take M4, verify Fin_D; hand over the channel and the SAS."""
         self._advance(HandshakeInput.AUTH_OK)
         assert self._keys is not None and self._key is not None and self._challenge is not None
         try:
-            msg = decode_message(m4)
+            msg = decode_message(m4) if decoded is None else decoded
             if not isinstance(msg, AuthOk):
                 raise StateError(f"expected AUTH_OK, got {type(msg).__name__}")
             if not equal(msg.fin_d, self._keys.fin_d):
@@ -229,9 +229,9 @@ class DeviceHandshake:
         if self._key is not None:
             self._key.erase()
 
-    def receive_hello(self, m1: bytes) -> bytes:
-        """Take M1 (already decoded and admitted by the caller); return M2."""
-        hello = decode_message(m1)
+    def receive_hello(self, m1: bytes, decoded: OuterMessage | None = None) -> bytes:
+        """Take M1 (admitted by the caller); return M2."""
+        hello = decode_message(m1) if decoded is None else decoded
         if not isinstance(hello, Hello):
             raise StateError(f"expected HELLO, got {type(hello).__name__}")
         self._advance(HandshakeInput.HELLO)
@@ -239,7 +239,7 @@ class DeviceHandshake:
         self._m1 = m1
         self._n_d = self._rng(16)
         self._key = EphemeralKey.generate(self._rng)
-        k_hello, _, _ = initial_subkeys(self._factory.k_init)
+        k_hello, _, _ = self._factory.subkeys
         challenge = Challenge(
             dev_id=self._factory.dev_id,
             mac=self._factory.mac,
@@ -255,20 +255,22 @@ class DeviceHandshake:
         self._m2 = untagged + tag
         return self._m2
 
-    def receive_auth(self, m3: bytes) -> tuple[bytes, HandshakeResult]:
+    def receive_auth(
+        self, m3: bytes, decoded: OuterMessage | None = None
+    ) -> tuple[bytes, HandshakeResult]:
         """Take M3; return M4 and the finished handshake. Any failure is ERROR 12."""
         self._advance(HandshakeInput.AUTH)
         assert self._key is not None and self._hello is not None and self._challenge is not None
         try:
             try:
-                msg = decode_message(m3)
+                msg = decode_message(m3) if decoded is None else decoded
             except MessageError as exc:
                 raise AuthenticationError(f"bad M3: {exc.message}", code="bad_m3") from None
             if not isinstance(msg, Auth):
                 raise AuthenticationError("expected AUTH", code="unexpected_message")
             if not equal(self._hello.commitment, commitment(msg.epk_c, msg.n_c)):
                 raise AuthenticationError("commitment does not match", code="bad_commitment")
-            _, k_seal, k_wrap = initial_subkeys(self._factory.k_init)
+            _, k_seal, k_wrap = self._factory.subkeys
             th = transcript_hash(self._m1, self._m2, msg.epk_c, msg.n_c, msg.ticket)
             n_d, r = open_seal(k_seal, th, msg.seal)
             if not equal(n_d, self._n_d):

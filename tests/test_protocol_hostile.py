@@ -537,3 +537,26 @@ def test_errors_never_carry_secrets() -> None:
         str(info.value) + repr(info.value) + repr(pair.answer.identity) + repr(pair.cloud.factory)
     )
     assert k_init_hex not in text and pair.answer.identity.k_dev.hex() not in text
+
+
+@settings(max_examples=300)
+@given(
+    st.recursive(
+        st.integers(min_value=-(2**63), max_value=2**64 - 1)
+        | st.binary(max_size=40)
+        | st.text(max_size=20),
+        lambda children: (
+            st.lists(children, max_size=4)
+            | st.dictionaries(st.integers(min_value=0, max_value=2**32), children, max_size=5)
+        ),
+        max_leaves=12,
+    )
+)
+def test_cbor_encode_is_core_deterministic(value) -> None:
+    import cbor2
+
+    from protocol.encoding import cbor_encode
+
+    encoded = cbor_encode(value)
+    assert encoded == cbor2.dumps(value, canonical=True)
+    assert cbor_decode(encoded) == value
