@@ -9,6 +9,7 @@ States and the one transition table, ``COMMISSIONER_SESSION_TABLE``::
 
     IDLE ─start→ AWAIT_CHALLENGE ─M2→ AWAIT_CLOUD ─answer→ AWAIT_AUTH_OK ─M4→ READY
     READY ─scan→ SCANNING ─SCAN_RESULT→ READY
+    AWAIT_AUTH_OK ─scan→ AWAIT_AUTH_OK_SCANNING ─M4→ SCANNING   (SCAN pipelined behind M3)
     READY ─provision→ PROVISIONING ─RESULT 2–6/4/14→ READY
     PROVISIONING ─RESULT 0→ PROVISIONED        any ─ERROR/CLOSE/failure→ CLOSED
 
@@ -66,6 +67,7 @@ class CommissionerSessionState(Enum):
     AWAIT_CHALLENGE = auto()
     AWAIT_CLOUD = auto()
     AWAIT_AUTH_OK = auto()
+    AWAIT_AUTH_OK_SCANNING = auto()
     READY = auto()
     SCANNING = auto()
     PROVISIONING = auto()
@@ -96,6 +98,9 @@ COMMISSIONER_SESSION_TABLE: dict[
     (C.AWAIT_CHALLENGE, CI.CHALLENGE): C.AWAIT_CLOUD,
     (C.AWAIT_CLOUD, CI.CLOUD_ANSWER): C.AWAIT_AUTH_OK,
     (C.AWAIT_AUTH_OK, CI.AUTH_OK): C.READY,
+    # SCAN pipelined behind M3 (one BLE round trip fewer):
+    (C.AWAIT_AUTH_OK, CI.SCAN): C.AWAIT_AUTH_OK_SCANNING,
+    (C.AWAIT_AUTH_OK_SCANNING, CI.AUTH_OK): C.SCANNING,
     (C.READY, CI.SCAN): C.SCANNING,
     (C.SCANNING, CI.SCAN_RESULT): C.READY,
     (C.READY, CI.PROVISION): C.PROVISIONING,
@@ -271,8 +276,13 @@ class CommissionerSession:
         return self._drain()
 
     def scan(self) -> list[CommissionerEvent]:
+        """Ask for the device's scan; allowed right after ``cloud_answer`` to share M3's round trip."""
+        early = self.state is C.AWAIT_AUTH_OK
         self._advance(CI.SCAN)
-        self._send_inner(Scan())
+        if early:
+            self._send(self._handshake.early_channel.seal(Scan().encode()))
+        else:
+            self._send_inner(Scan())
         self._timers.start(CommissionerTimer.ANSWER, DEVICE_ANSWER_S)
         return self._drain()
 
@@ -325,7 +335,7 @@ class CommissionerSession:
             self._advance(CI.CHALLENGE)
             self._timers.stop(CommissionerTimer.ANSWER)
             self._events.append(BindStartNeeded(request))
-        elif self.state is C.AWAIT_AUTH_OK:
+        elif self.state in (C.AWAIT_AUTH_OK, C.AWAIT_AUTH_OK_SCANNING):
             self._result = self._handshake.receive_auth_ok(message, msg)
             self._advance(CI.AUTH_OK)
             self._timers.stop(CommissionerTimer.ANSWER)

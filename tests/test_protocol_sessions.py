@@ -420,3 +420,45 @@ def test_progress_unknown_stage_is_reported() -> None:
 
 def test_factory_helper_names() -> None:
     assert make_factory(5).ble_name == "Doorstep-0542"
+
+
+def test_scan_pipelined_behind_m3_is_one_round_trip() -> None:
+    pair = make_pair(247)
+    pair.com.start()
+    to_device(pair.com, pair.dev)
+    pair.dev.admit()
+    (need,) = to_commissioner(pair.dev, pair.com)
+    answer = pair.cloud.bind_start(need.request)
+    pair.answer = answer
+    pair.com.cloud_answer(
+        ticket=answer.ticket,
+        seal=answer.seal,
+        session_secret=answer.session_secret,
+        wrapped_identity=answer.wrapped_identity,
+    )
+    pair.com.scan()  # before M4 arrives
+    events = to_device(pair.com, pair.dev)  # M3 and SCAN in one write burst
+    assert [type(e).__name__ for e in events] == ["Authenticated", "ScanRequested"]
+    pair.dev.scan_results([Network(b"DoorstepHome", -40, 1, 6)])
+    com_events = to_commissioner(pair.dev, pair.com)  # M4 and SCAN_RESULT together
+    assert [type(e).__name__ for e in com_events] == ["Authenticated", "ScanResultsReceived"]
+    assert pair.com.state is CommissionerSessionState.READY
+
+
+def test_pipelined_scan_is_dropped_when_m3_fails() -> None:
+    pair = make_pair()
+    pair.com.start()
+    to_device(pair.com, pair.dev)
+    pair.dev.admit()
+    (need,) = to_commissioner(pair.dev, pair.com)
+    answer = pair.cloud.bind_start(need.request)
+    pair.com.cloud_answer(
+        ticket=answer.ticket + b"x",  # TH mismatch: the seal does not open
+        seal=answer.seal,
+        session_secret=answer.session_secret,
+        wrapped_identity=answer.wrapped_identity,
+    )
+    pair.com.scan()
+    events = to_device(pair.com, pair.dev)
+    assert [type(e).__name__ for e in events] == ["SessionEnded"]
+    assert events[0].status is Status.AUTHENTICATION_FAILED
