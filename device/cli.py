@@ -1,0 +1,205 @@
+"""``doorstep device``: run the simulated device, press its button, reset it, show it (issue 5)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PIDFILE = "device.pid"
+
+
+def add_parser(subparsers: Any) -> None:
+    device = subparsers.add_parser("device", help="a simulated Doorstep device (BLE peripheral)")
+    device.set_defaults(func=lambda _a: (device.print_help(), 2)[1])
+    sub = device.add_subparsers(dest="device_command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the device: advertise, onboard, join Wi-Fi, check in")
+    run.add_argument("--factory", required=True, type=Path, help="factory record JSON (§7)")
+    run.add_argument("--state", required=True, type=Path, help="state directory")
+    run.add_argument(
+        "--confirm",
+        choices=("prompt", "accept", "reject"),
+        default="prompt",
+        help="how the device's user answers (default: prompt on this terminal)",
+    )
+    run.add_argument("--wifi", type=Path, help="Wi-Fi environment JSON (default: a built-in home)")
+    run.add_argument("--cloud", help="cloud base URL for check-in (default: $DOORSTEP_CLOUD_URL)")
+    run.add_argument("--adapter", help="BlueZ adapter (default: the first one)")
+    run.add_argument("--fw", default="1.0.0", help="firmware version reported in M2")
+    run.set_defaults(func=cmd_run)
+
+    for name, text, func in (
+        ("button", "press the pairing button of a running device", cmd_button),
+        ("reset", "factory reset: erase identity and Wi-Fi, open the window", cmd_reset),
+        ("show", "show the device's state (never a key)", cmd_show),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--state", required=True, type=Path, help="state directory")
+        if name == "reset":
+            p.add_argument(
+                "--force",
+                action="store_true",
+                help="reset even if the stored state is unreadable (the reset counter restarts)",
+            )
+        if name == "show":
+            p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(func=func)
+
+
+def _fail(message: str) -> int:
+    print(f"doorstep device: {message}", file=sys.stderr)
+    return 2
+
+
+def _running_pid(state: Path) -> int | None:
+    try:
+        pid = int((state / PIDFILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return None
+    return pid
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from device.storage import StorageError
+    from device.wifi import WifiConfigError
+    from protocol.errors import MessageError
+    from protocol.factory import FactoryRecord
+
+    try:
+        factory = FactoryRecord.loads(args.factory.read_text())
+    except OSError as exc:
+        return _fail(f"cannot read factory record {args.factory}: {exc.strerror}")
+    except MessageError as exc:
+        return _fail(f"{args.factory}: {exc.message}")
+    if (pid := _running_pid(args.state)) is not None:
+        return _fail(f"a device is already running on {args.state} (pid {pid})")
+    try:
+        return asyncio.run(_run(args, factory))
+    except (StorageError, WifiConfigError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _run(args: argparse.Namespace, factory: Any) -> int:
+    from ble.bless_peripheral import BlessPeripheral
+    from device.runtime import DeviceRuntime
+    from device.storage import DeviceStore
+    from device.user import ScriptedUser, TerminalUser
+    from device.wifi import WifiEnvironment
+
+    store = DeviceStore(args.state)
+    wifi = WifiEnvironment.load(args.wifi) if args.wifi else WifiEnvironment.default()
+    cloud_url = args.cloud or os.environ.get("DOORSTEP_CLOUD_URL")
+    checkin = None
+    if cloud_url:
+        from device.cloudlink import CloudCheckin
+
+        checkin = CloudCheckin(cloud_url)
+    runtime: DeviceRuntime
+    user: Any
+    if args.confirm == "prompt":
+        user = TerminalUser(on_button=lambda: runtime.press_button())
+    else:
+        user = ScriptedUser(args.confirm == "accept", out=lambda m: print(m, flush=True))
+    runtime = DeviceRuntime(
+        factory, store, BlessPeripheral(args.adapter), wifi, user, checkin, fw=args.fw
+    )
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, runtime.press_button)
+    loop.add_signal_handler(signal.SIGUSR2, runtime.factory_reset)
+    loop.add_signal_handler(signal.SIGTERM, runtime.stop)
+    loop.add_signal_handler(signal.SIGINT, runtime.stop)
+    pidfile = args.state / PIDFILE
+    pidfile.write_text(f"{os.getpid()}\n")
+    if isinstance(user, TerminalUser):
+        user.start()
+    try:
+        await runtime.run()
+    finally:
+        with contextlib.suppress(OSError):
+            pidfile.unlink()
+        if checkin is not None:
+            await checkin.close()
+    return 0
+
+
+def cmd_button(args: argparse.Namespace) -> int:
+    pid = _running_pid(args.state)
+    if pid is None:
+        return _fail(f"no device is running on {args.state}; start it with `doorstep device run`")
+    os.kill(pid, signal.SIGUSR1)
+    print("pairing button pressed: the window is open for 10 minutes")
+    return 0
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    from device.storage import DeviceState, DeviceStore, StorageError
+    from protocol.pairing import PairingGate
+
+    pid = _running_pid(args.state)
+    if pid is not None:
+        os.kill(pid, signal.SIGUSR2)
+        print("factory reset sent to the running device")
+        return 0
+    try:
+        store = DeviceStore(args.state)
+        old = store.load()
+    except StorageError as exc:
+        if not args.force:
+            return _fail(
+                f"the stored state is unreadable ({exc}). A reset would restart the reset "
+                "counter, which the cloud may then refuse; use --force to reset anyway"
+            )
+        old = None
+        store = DeviceStore(args.state)
+    gate = PairingGate(time.time)
+    gate.factory_reset()
+    reset_ctr = min((old.reset_ctr if old else 0) + 1, 2**32 - 1)
+    store.save(DeviceState(reset_ctr=reset_ctr, gate=gate.to_json()))
+    print(f"factory reset done: identity and Wi-Fi erased, reset counter {reset_ctr}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from device.storage import DeviceStore, StorageError
+    from protocol.pairing import PairingGate
+
+    if not args.state.exists():
+        return _fail(f"{args.state} does not exist")
+    try:
+        state = DeviceStore(args.state).load()
+    except StorageError as exc:
+        return _fail(str(exc))
+    gate = PairingGate.from_json(dict(state.gate), time.time)
+    info = {
+        "state": "active" if state.active else ("pending" if state.pending else "unprovisioned"),
+        "identifier": state.active.identifier.hex()[:8] if state.active else None,
+        "epoch": state.active.epoch if state.active else 0,
+        "network": state.wifi.ssid.decode("utf-8", "replace") if state.wifi else None,
+        "pending_identifier": state.pending.identity.identifier.hex()[:8]
+        if state.pending
+        else None,
+        "reset_ctr": state.reset_ctr,
+        "pairing_window_open": gate.window_open,
+        "failed_sessions": gate.failures,
+        "running": _running_pid(args.state) is not None,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:20s} {'-' if value is None else value}")
+    return 0

@@ -1,0 +1,443 @@
+"""The device's firmware loop: DS1 over a ``Peripheral``, storage, Wi-Fi and check-in.
+
+One consumer task owns the ``DeviceSession``: peripheral events, the user's
+answer, the Wi-Fi join outcome and timer ticks all arrive on one inbox, so
+session calls never race. Slow work (asking the user, joining Wi-Fi, the
+atomic store, the cloud check-in) runs in tasks that post their result back.
+
+PROTOCOL.md §5.3 (PROVISION order and the atomic store), §5.6 (window,
+back-off, one commissioner at a time), §6.4 (check-in with the pending key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from ble.profile import FLAG_BUTTON_NEEDED, FLAG_WINDOW_OPEN, AdvState, DeviceStatus
+from ble.transport import FragmentIn, LinkDown, LinkUp, Peripheral
+from device.storage import DeviceState, DeviceStore, PendingBind, StoredIdentity, StoredWifi
+from device.wifi import JoinFailed, WifiEnvironment
+from protocol.crypto import RandomSource
+from protocol.device_side import (
+    Authenticated,
+    ConfirmationRequested,
+    DeviceEvent,
+    DeviceSession,
+    HelloReceived,
+    JoinRequested,
+    Provisioned,
+    ScanRequested,
+    SessionEnded,
+    StoreRequested,
+)
+from protocol.errors import Status
+from protocol.factory import FactoryRecord
+from protocol.pairing import PairingGate
+
+log = logging.getLogger("doorstep.device")
+
+U32_MAX = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class ConfirmRequest:
+    """What the device's user is shown (§5.3 step 3)."""
+
+    ssid: str
+    sas: str
+    deadline_s: float
+
+
+class DeviceUser(Protocol):
+    """The device's user interface (a prompt, or scripted accept/reject)."""
+
+    async def confirm(self, request: ConfirmRequest) -> bool: ...
+
+    async def show(self, message: str) -> None: ...
+
+
+class CheckinRefused(Exception):
+    """The cloud refused the check-in for good (e.g. 410 after 7 days, or unknown)."""
+
+
+class CheckinService(Protocol):
+    async def checkin(self, identifier: bytes, k_dev: bytes, ack: bytes) -> None:
+        """Raises ``CheckinRefused`` for a final no; any other exception means retry later."""
+        ...
+
+
+# ---- inbox items ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _UserAnswer:
+    session: DeviceSession
+    accepted: bool
+
+
+@dataclass(frozen=True)
+class _JoinOutcome:
+    session: DeviceSession
+    status: Status
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class _JoinStage:
+    session: DeviceSession
+    stage: int
+
+
+@dataclass(frozen=True)
+class _Stored:
+    session: DeviceSession
+
+
+@dataclass(frozen=True)
+class _Command:
+    name: str  # "button", "reset", "checked_in", "checkin_refused", "stop"
+
+
+_Item = (
+    LinkUp | FragmentIn | LinkDown | _UserAnswer | _JoinOutcome | _JoinStage | _Stored | _Command
+)
+
+
+class DeviceRuntime:
+    """A Doorstep device: advertise, onboard, store, join, check in."""
+
+    def __init__(
+        self,
+        factory: FactoryRecord,
+        store: DeviceStore,
+        peripheral: Peripheral,
+        wifi: WifiEnvironment,
+        user: DeviceUser,
+        checkin: CheckinService | None,
+        *,
+        fw: str = "1.0.0",
+        rng: RandomSource = os.urandom,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        checkin_backoff: tuple[float, float] = (0.5, 30.0),
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.factory = factory
+        self.store = store
+        self.peripheral = peripheral
+        self.wifi = wifi
+        self.user = user
+        self.checkin_service = checkin
+        self.fw = fw
+        self.rng = rng
+        self.clock = clock
+        self.sleep = sleep
+        self.checkin_backoff = checkin_backoff
+        self.state: DeviceState = store.load()
+        self.gate = PairingGate.from_json(dict(self.state.gate), wall_clock)
+        self.session: DeviceSession | None = None
+        self._inbox: asyncio.Queue[_Item] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._checkin_task: asyncio.Task[None] | None = None
+        self._status: DeviceStatus | None = None
+        self.started = asyncio.Event()
+        self.onboarded = asyncio.Event()  # set when a check-in made an identity active
+        if self.state.active is None and not self.gate.window_open:
+            self.gate.open_window()  # power-on without an active identity (§5.6)
+        self._persist_gate()
+
+    # ---- status shown on the air ---------------------------------------------
+
+    def current_status(self) -> DeviceStatus:
+        if self.session is not None and not self.session.closed:
+            state = AdvState.BUSY
+        elif self.state.active is not None:
+            state = AdvState.PROVISIONED
+        else:
+            state = AdvState.UNPROVISIONED
+        flags = FLAG_WINDOW_OPEN if self.gate.window_open else 0
+        if not self.gate.window_open and self.state.active is not None:
+            flags |= FLAG_BUTTON_NEEDED
+        return DeviceStatus(state, flags)
+
+    async def _refresh_status(self) -> None:
+        status = self.current_status()
+        if status != self._status:
+            self._status = status
+            await self.peripheral.set_status(status)
+
+    def _persist_gate(self) -> None:
+        self.state = self.state.with_(gate=self.gate.to_json())
+        self.store.save(self.state)
+
+    # ---- public controls -------------------------------------------------------
+
+    def press_button(self) -> None:
+        self._inbox.put_nowait(_Command("button"))
+
+    def factory_reset(self) -> None:
+        self._inbox.put_nowait(_Command("reset"))
+
+    def stop(self) -> None:
+        self._inbox.put_nowait(_Command("stop"))
+
+    # ---- the loop ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._status = self.current_status()
+        await self.peripheral.start(
+            name=self.factory.ble_name, dev_id=self.factory.dev_id, status=self._status
+        )
+        pump = asyncio.create_task(self._pump_peripheral())
+        if self.state.pending is not None:
+            self._start_checkin()  # resume after a restart (§5.3)
+        self.started.set()
+        await self.user.show(self._describe())
+        try:
+            while True:
+                item = await self._next_item()
+                if item is None:
+                    await self._tick()
+                    continue
+                if isinstance(item, _Command) and item.name == "stop":
+                    break
+                await self._handle(item)
+                await self._refresh_status()
+        finally:
+            pump.cancel()
+            for task in list(self._tasks):
+                task.cancel()
+            if self._checkin_task is not None:
+                self._checkin_task.cancel()
+            with contextlib.suppress(Exception):
+                await self.peripheral.stop()
+
+    def _describe(self) -> str:
+        if self.state.active is not None:
+            return f"Provisioned as {self.state.active.identifier.hex()[:8]} (epoch {self.state.active.epoch})"
+        window = "open" if self.gate.window_open else "closed"
+        return f"{self.factory.ble_name}: waiting for a commissioner (pairing window {window})"
+
+    async def _pump_peripheral(self) -> None:
+        while True:
+            self._inbox.put_nowait(await self.peripheral.next_event())
+
+    async def _next_item(self) -> _Item | None:
+        wake: list[float] = []
+        if self.session is not None and (d := self.session.next_deadline()) is not None:
+            wake.append(d - self.clock())
+        if self.gate.window_open:
+            wake.append(self.gate.window_until - self.gate.clock())
+        timeout = max(0.0, min(wake)) if wake else None
+        try:
+            return await asyncio.wait_for(self._inbox.get(), timeout)
+        except TimeoutError:
+            return None
+
+    async def _tick(self) -> None:
+        if self.session is not None:
+            await self._apply(self.session, self.session.handle_timer())
+        await self._refresh_status()
+
+    async def _handle(self, item: _Item) -> None:
+        session = self.session
+        if isinstance(item, LinkUp):
+            if session is not None and not session.closed:
+                return  # one commissioner at a time; the adapter refuses others
+            self.session = DeviceSession(
+                self.factory,
+                reset_ctr=self.state.reset_ctr,
+                active_epoch=self.state.active.epoch if self.state.active else 0,
+                fw=self.fw,
+                rng=self.rng,
+                clock=self.clock,
+                max_fragment=self.peripheral.max_fragment,
+            )
+            await self._refresh_status()
+        elif isinstance(item, FragmentIn):
+            if session is None or session.closed:
+                return
+            session.max_fragment = max(session.max_fragment, self.peripheral.max_fragment)
+            await self._apply(session, session.receive_fragment(item.data))
+        elif isinstance(item, LinkDown):
+            if session is not None and not session.closed:
+                await self._apply(session, session.connection_lost(), disconnect=False)
+            self.session = None
+        elif isinstance(item, _UserAnswer | _JoinOutcome | _JoinStage | _Stored):
+            if item.session is not session or session.closed:
+                return  # an answer for a session that already ended
+            if isinstance(item, _UserAnswer):
+                await self._apply(session, session.user_decision(item.accepted))
+            elif isinstance(item, _JoinStage):
+                await self._apply(session, session.join_progress(item.stage))
+            elif isinstance(item, _JoinOutcome):
+                if item.status is Status.OK:
+                    await self._apply(session, session.joined())
+                else:
+                    await self._apply(session, session.join_failed(item.status, item.detail))
+            else:
+                await self._apply(session, session.stored())
+        elif isinstance(item, _Command):
+            await self._command(item.name)
+
+    async def _command(self, name: str) -> None:
+        if name == "button":
+            self.gate.button_pressed()
+            self._persist_gate()
+            await self.user.show("Button pressed: pairing window open for 10 minutes")
+        elif name == "reset":
+            await self._factory_reset()
+        elif name == "checked_in":
+            await self.user.show(self._describe())
+        elif name == "checkin_refused":
+            await self.user.show("The cloud refused the check-in; keeping the previous identity")
+
+    async def _factory_reset(self) -> None:
+        if self.session is not None and not self.session.closed:
+            await self._apply(self.session, self.session.connection_lost())
+        if self._checkin_task is not None:
+            self._checkin_task.cancel()
+        self.state = DeviceState(reset_ctr=min(self.state.reset_ctr + 1, U32_MAX))
+        self.gate.factory_reset()
+        self._persist_gate()
+        await self.user.show("Factory reset: identity and Wi-Fi erased, pairing window open")
+
+    # ---- session events -------------------------------------------------------------
+
+    async def _flush(self, session: DeviceSession) -> None:
+        for fragment in session.data_to_send():
+            await self.peripheral.notify(fragment)
+
+    async def _apply(
+        self, session: DeviceSession, events: list[DeviceEvent], *, disconnect: bool = True
+    ) -> None:
+        await self._flush(session)
+        for event in events:
+            if isinstance(event, HelloReceived):
+                refusal = self.gate.admit()
+                follow = session.admit() if refusal is None else session.refuse(refusal)
+                await self._flush(session)
+                await self._apply(session, follow, disconnect=disconnect)
+            elif isinstance(event, Authenticated):
+                log.info("session secured with a commissioner")
+            elif isinstance(event, ScanRequested):
+                await self._apply(session, session.scan_results(self.wifi.scan()))
+            elif isinstance(event, ConfirmationRequested):
+                request = ConfirmRequest(
+                    event.ssid.decode("utf-8", "replace"),
+                    event.sas,
+                    max(0.0, event.deadline - self.clock()),
+                )
+                self._spawn(self._ask_user(session, request))
+            elif isinstance(event, JoinRequested):
+                self._spawn(self._join(session, event))
+            elif isinstance(event, StoreRequested):
+                self._spawn(self._store_pending(session, event))
+            elif isinstance(event, Provisioned):
+                self.gate.close_window()
+                self._persist_gate()
+                self._start_checkin()
+            elif isinstance(event, SessionEnded):
+                await self._session_ended(session, event, disconnect)
+
+    async def _session_ended(
+        self, session: DeviceSession, event: SessionEnded, disconnect: bool
+    ) -> None:
+        self.gate.session_ended(sent_m2=event.sent_m2, accepted_m3=event.accepted_m3)
+        self._persist_gate()
+        log.info("session ended: %s (%s)", event.status.name, event.reason)
+        if self.session is session:
+            self.session = None
+        if disconnect:
+            with contextlib.suppress(Exception):
+                await self.peripheral.disconnect()
+        await self.user.show(self._describe())
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _ask_user(self, session: DeviceSession, request: ConfirmRequest) -> None:
+        try:
+            accepted = await asyncio.wait_for(self.user.confirm(request), request.deadline_s)
+        except TimeoutError:
+            return  # the session's own 60 s timer answers RESULT 1
+        self._inbox.put_nowait(_UserAnswer(session, accepted))
+
+    async def _join(self, session: DeviceSession, event: JoinRequested) -> None:
+        async def progress(stage: int) -> None:
+            self._inbox.put_nowait(_JoinStage(session, stage))
+
+        try:
+            await self.wifi.join(event.credentials, progress)
+        except JoinFailed as exc:
+            self._inbox.put_nowait(_JoinOutcome(session, exc.status, exc.detail))
+            return
+        self._inbox.put_nowait(_JoinOutcome(session, Status.OK))
+
+    async def _store_pending(self, session: DeviceSession, event: StoreRequested) -> None:
+        record = event.record
+        creds = record.credentials
+        pending = PendingBind(
+            wifi=StoredWifi(creds.ssid, int(creds.security), creds.passphrase),
+            identity=StoredIdentity(
+                record.identity.identifier, record.identity.k_dev, record.identity.epoch
+            ),
+            ack=record.ack,
+            th=record.th,
+            stored_at=time.time(),
+        )
+        new_state = self.state.with_(pending=pending)
+        await asyncio.to_thread(self.store.save, new_state)  # §5.3 step 5: one atomic write
+        self.state = new_state
+        self._inbox.put_nowait(_Stored(session))
+
+    # ---- check-in (§6.4) --------------------------------------------------------------
+
+    def _start_checkin(self) -> None:
+        if self.checkin_service is None or self.state.pending is None:
+            return
+        if self._checkin_task is not None and not self._checkin_task.done():
+            self._checkin_task.cancel()
+        self._checkin_task = asyncio.ensure_future(self._checkin_loop())
+
+    async def _checkin_loop(self) -> None:
+        assert self.checkin_service is not None
+        delay, cap = self.checkin_backoff
+        while (pending := self.state.pending) is not None:
+            try:
+                await self.checkin_service.checkin(
+                    pending.identity.identifier, pending.identity.k_dev, pending.ack
+                )
+            except CheckinRefused as exc:
+                log.warning("check-in refused: %s", exc)
+                self.state = self.state.with_(pending=None)
+                await asyncio.to_thread(self.store.save, self.state)
+                self._inbox.put_nowait(_Command("checkin_refused"))
+                return
+            except Exception as exc:
+                jitter = int.from_bytes(self.rng(2), "big") / 65535  # full jitter
+                wait = delay * (0.5 + jitter)
+                log.info("check-in failed (%s); retrying in %.1f s", type(exc).__name__, wait)
+                await self.sleep(wait)
+                delay = min(cap, delay * 2)
+                continue
+            # accepted: promote the pending identity, retire the old one
+            self.state = self.state.with_(
+                active=pending.identity,
+                wifi=pending.wifi,
+                pending=None,
+                checkins=self.state.checkins + 1,
+            )
+            await asyncio.to_thread(self.store.save, self.state)
+            self.onboarded.set()
+            self._inbox.put_nowait(_Command("checked_in"))
+            return

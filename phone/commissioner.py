@@ -1,0 +1,481 @@
+"""The commissioner's onboarding flow over a BLE link and the cloud (PROTOCOL.md §5, §6).
+
+``Onboarding.run`` drives the sans-I/O ``CommissionerSession`` over a
+``CentralLink`` and a ``BindService`` (the cloud), asking its
+``CommissionerDelegate`` for every user decision (confirm the code, choose a
+network, retry after a Wi-Fi failure). The phone app, ``doorstep phone pair``
+and the hub all run this same flow; they differ only in their delegate.
+
+It never raises for an outcome a user should see: it returns an
+``OnboardingReport`` with the DS1 status, the stage it ended in, per-stage
+timings, and what went over the air. Cancelling the task closes the session
+cleanly (CLOSE, disconnect) so the device returns to advertising.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+from ble.errors import LinkError, LinkTimeout
+from ble.transport import Central, CentralLink
+from protocol.commissioner_side import (
+    Authenticated,
+    BindStartNeeded,
+    CommissionerEvent,
+    CommissionerSession,
+    ProgressReported,
+    ProvisionFailed,
+    ProvisionSucceeded,
+    ScanResultsReceived,
+    SessionEnded,
+)
+from protocol.crypto import RandomSource
+from protocol.errors import DS1Error, Status
+from protocol.handshake import BindStartRequest
+from protocol.messages import Network
+
+
+class Stage(Enum):
+    CONNECT = "Connect"
+    VERIFY = "Verify with cloud"
+    SECURE = "Secure session"
+    CONFIRM = "Confirm code"
+    NETWORK = "Choose network"
+    JOIN = "Join Wi-Fi"
+    CHECKIN = "Device check-in"
+    DONE = "Done"
+
+
+class StageState(Enum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class BindStartAnswer:
+    """The cloud's 201 to ``POST /v1/bind/start`` (§6.1)."""
+
+    attempt: str
+    ticket: bytes
+    seal: bytes
+    session_secret: bytes
+    wrapped_identity: bytes
+    dev_id: bytes
+    model: str
+    expires_in: int
+
+    def __repr__(self) -> str:
+        return f"BindStartAnswer(attempt={self.attempt}, model={self.model!r})"
+
+
+@dataclass(frozen=True)
+class BoundDevice:
+    """The cloud's answer to ``POST /v1/bind/complete`` (§6.2)."""
+
+    dev_id: bytes
+    identifier: bytes
+    epoch: int
+
+
+class BindService(Protocol):
+    """What the flow needs from the cloud (``cloud.client`` implements it)."""
+
+    async def bind_start(self, request: BindStartRequest) -> BindStartAnswer: ...
+
+    async def bind_complete(self, attempt: str, ack: bytes) -> BoundDevice: ...
+
+    async def wait_active(self, identifier: bytes, timeout: float) -> bool:
+        """True once the device's check-in made its identity active."""
+        ...
+
+
+@dataclass(frozen=True, repr=False)
+class NetworkChoice:
+    ssid: bytes
+    passphrase: str
+    security: int
+
+    def __repr__(self) -> str:
+        return f"NetworkChoice(ssid={self.ssid!r}, security={self.security})"
+
+
+@dataclass(frozen=True)
+class DeviceSummary:
+    """What the user is asked to confirm (§5.5)."""
+
+    name: str
+    address: str
+    model: str
+    dev_id: bytes
+
+
+class CommissionerDelegate(Protocol):
+    """User decisions and progress display (STYLE.md §7)."""
+
+    async def stage_changed(self, stage: Stage, state: StageState, detail: str) -> None: ...
+
+    async def confirm_code(self, device: DeviceSummary, sas: str) -> bool: ...
+
+    async def choose_network(
+        self, networks: tuple[Network, ...], failure: ProvisionFailed | None
+    ) -> NetworkChoice | None:
+        """The network to provision; ``failure`` is set after a failed join. None gives up."""
+        ...
+
+
+@dataclass
+class LinkStats:
+    """Application bytes on the air (fragment values) and request/response round trips."""
+
+    bytes_to_device: int = 0
+    bytes_from_device: int = 0
+    writes: int = 0
+    notifications: int = 0
+    round_trips: int = 0
+
+
+@dataclass
+class OnboardingReport:
+    status: Status
+    stage: Stage
+    message: str
+    hint: str = ""
+    device: DeviceSummary | None = None
+    identifier: bytes | None = None
+    epoch: int | None = None
+    checked_in: bool = False
+    timings: dict[Stage, float] = field(default_factory=dict)
+    total_s: float = 0.0
+    stats: LinkStats = field(default_factory=LinkStats)
+    handshake_round_trips: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.OK
+
+    @property
+    def short_id(self) -> str:
+        return self.identifier.hex()[:8] if self.identifier else ""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "status": int(self.status),
+            "status_name": self.status.name.lower(),
+            "stage": self.stage.value,
+            "message": self.message,
+            "hint": self.hint,
+            "device": None
+            if self.device is None
+            else {
+                "name": self.device.name,
+                "address": self.device.address,
+                "model": self.device.model,
+                "dev_id": self.device.dev_id.hex(),
+            },
+            "identifier": self.identifier.hex() if self.identifier else None,
+            "epoch": self.epoch,
+            "checked_in": self.checked_in,
+            "timings_s": {s.value: round(t, 4) for s, t in self.timings.items()},
+            "total_s": round(self.total_s, 4),
+            "ble": {
+                "round_trips": self.stats.round_trips,
+                "handshake_and_provisioning_round_trips": self.handshake_round_trips,
+                "bytes_to_device": self.stats.bytes_to_device,
+                "bytes_from_device": self.stats.bytes_from_device,
+            },
+        }
+
+
+# Plain-language explanations and next actions, per status (issue 6: never leave them guessing).
+HINTS: dict[Status, tuple[str, str]] = {
+    Status.REJECTED_BY_USER: ("The pairing was rejected.", "Start again if this was a mistake."),
+    Status.NETWORK_NOT_FOUND: (
+        "The device cannot see that Wi-Fi network.",
+        "Move the device closer to the router or pick another network.",
+    ),
+    Status.WIFI_AUTH_FAILED: (
+        "The Wi-Fi passphrase was not accepted.",
+        "Check the passphrase and try again.",
+    ),
+    Status.UNSUPPORTED_SECURITY: (
+        "The device does not support that network's security.",
+        "Pick a WPA2 or WPA2/WPA3 network.",
+    ),
+    Status.JOIN_TIMEOUT: ("Joining the network took too long.", "Try again, closer to the router."),
+    Status.NO_IP_ADDRESS: (
+        "The device joined but got no IP address.",
+        "Check the router's DHCP settings, then try again.",
+    ),
+    Status.INVALID_IDENTITY: (
+        "The device refused the identity from the cloud.",
+        "Factory-reset the device, then pair it again.",
+    ),
+    Status.BUSY: ("The device is busy with another phone or hub.", "Wait a minute and try again."),
+    Status.WINDOW_CLOSED: (
+        "The device is not in pairing mode.",
+        "Press the device's pairing button, then try again.",
+    ),
+    Status.PROTOCOL_ERROR: (
+        "The connection to the device failed.",
+        "Move closer to the device and try again.",
+    ),
+    Status.AUTHENTICATION_FAILED: (
+        "The device could not be verified.",
+        "It may not be a genuine device, or it belongs to someone else. Factory-reset it if it is yours.",
+    ),
+    Status.TIMED_OUT: ("The device stopped answering.", "Move closer and try again."),
+    Status.INVALID_WIFI_PARAMETERS: (
+        "The network name or passphrase is not valid.",
+        "Check them and try again.",
+    ),
+}
+
+
+def explain(status: Status) -> tuple[str, str]:
+    return HINTS.get(status, ("Done.", "")) if status is not Status.OK else ("Onboarded.", "")
+
+
+class _CountingLink:
+    """Wraps a link to count bytes and round trips; a round trip is a write burst then a wait."""
+
+    def __init__(self, link: CentralLink, stats: LinkStats) -> None:
+        self.link = link
+        self.stats = stats
+        self._writing = False
+
+    async def write(self, fragment: bytes) -> None:
+        await self.link.write(fragment)
+        self.stats.bytes_to_device += len(fragment)
+        self.stats.writes += 1
+        self._writing = True
+
+    async def receive(self, timeout: float | None) -> bytes:
+        data = await self.link.receive(timeout)
+        if self._writing:
+            self.stats.round_trips += 1
+            self._writing = False
+        self.stats.bytes_from_device += len(data)
+        self.stats.notifications += 1
+        return data
+
+
+class OnboardingError(Exception):
+    def __init__(self, status: Status, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Onboarding:
+    """One device onboarding, from connect to check-in."""
+
+    def __init__(
+        self,
+        central: Central,
+        cloud: BindService,
+        delegate: CommissionerDelegate,
+        *,
+        rng: RandomSource = os.urandom,
+        clock: Callable[[], float] = time.monotonic,
+        scan_networks: bool = True,
+        wait_checkin_s: float = 20.0,
+    ) -> None:
+        self.central = central
+        self.cloud = cloud
+        self.delegate = delegate
+        self.rng = rng
+        self.clock = clock
+        self.scan_networks = scan_networks
+        self.wait_checkin_s = wait_checkin_s
+        self.report = OnboardingReport(Status.PROTOCOL_ERROR, Stage.CONNECT, "not started")
+        self._stage = Stage.CONNECT
+        self._stage_started = 0.0
+        self._session: CommissionerSession | None = None
+        self._link: _CountingLink | None = None
+
+    # ---- stages ----------------------------------------------------------------
+
+    async def _enter(self, stage: Stage, detail: str = "") -> None:
+        now = self.clock()
+        if self._stage_started and self._stage not in self.report.timings:
+            self.report.timings[self._stage] = now - self._stage_started
+            await self.delegate.stage_changed(self._stage, StageState.DONE, "")
+        self._stage, self._stage_started = stage, now
+        self.report.stage = stage
+        await self.delegate.stage_changed(stage, StageState.RUNNING, detail)
+
+    async def _fail(self, status: Status, message: str) -> OnboardingReport:
+        self.report.timings.setdefault(self._stage, self.clock() - self._stage_started)
+        what, hint = explain(status)
+        self.report.status = status
+        self.report.message = message or what
+        self.report.hint = hint
+        await self.delegate.stage_changed(self._stage, StageState.FAILED, self.report.message)
+        return self.report
+
+    # ---- link plumbing ----------------------------------------------------------
+
+    async def _flush(self) -> None:
+        assert self._session is not None and self._link is not None
+        for fragment in self._session.data_to_send():
+            await self._link.write(fragment)
+
+    async def _next_events(self) -> list[CommissionerEvent]:
+        """Wait for the device until the session produces events (or a timer fires)."""
+        assert self._session is not None and self._link is not None
+        while True:
+            deadline = self._session.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - self.clock())
+            try:
+                data = await self._link.receive(timeout)
+            except LinkTimeout:
+                events = self._session.handle_timer(self.clock() + 1e-6 if timeout == 0 else None)
+                await self._flush_quietly()
+                if events:
+                    return events
+                continue
+            events = self._session.receive_fragment(data)
+            if events:
+                return events
+
+    async def _flush_quietly(self) -> None:
+        with contextlib.suppress(LinkError):
+            await self._flush()
+
+    async def _expect(self, *kinds: type) -> CommissionerEvent:
+        """The next event, which must be one of ``kinds`` (SessionEnded is raised)."""
+        while True:
+            for event in await self._next_events():
+                if isinstance(event, SessionEnded):
+                    raise OnboardingError(event.status, event.reason if event.by_device else "")
+                if isinstance(event, kinds):
+                    return event
+
+    # ---- the flow ----------------------------------------------------------------
+
+    async def run(self, address: str, name: str = "") -> OnboardingReport:
+        started = self.clock()
+        self._stage_started = started
+        try:
+            return await self._run(address, name or address)
+        except OnboardingError as exc:
+            return await self._fail(exc.status, str(exc))
+        except DS1Error as exc:
+            return await self._fail(exc.status, exc.message)
+        finally:
+            self.report.total_s = self.clock() - started
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        """Always leave the device clean: CLOSE if the session is open, then disconnect."""
+        session, link = self._session, self._link
+        if link is None:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._close_link(session, link))
+
+    async def _close_link(self, session: CommissionerSession | None, link: _CountingLink) -> None:
+        if session is not None and not session.closed:
+            status = Status.OK if self.report.ok else Status.REJECTED_BY_USER
+            session.close(status)
+            for fragment in session.data_to_send():
+                await link.write(fragment)
+        await link.link.disconnect()
+
+    async def _run(self, address: str, name: str) -> OnboardingReport:
+        await self._enter(Stage.CONNECT, name)
+        raw = await self.central.connect(address)
+        self._link = _CountingLink(raw, self.report.stats)
+        self._session = session = CommissionerSession(
+            rng=self.rng, clock=self.clock, max_fragment=raw.max_fragment
+        )
+        await self._enter(Stage.VERIFY)
+        session.start()
+        await self._flush()
+        need = await self._expect(BindStartNeeded)
+        assert isinstance(need, BindStartNeeded)
+        answer = await self.cloud.bind_start(need.request)
+        device = DeviceSummary(name, address, answer.model, answer.dev_id)
+        self.report.device = device
+
+        await self._enter(Stage.SECURE)
+        session.cloud_answer(
+            ticket=answer.ticket,
+            seal=answer.seal,
+            session_secret=answer.session_secret,
+            wrapped_identity=answer.wrapped_identity,
+        )
+        if self.scan_networks:
+            session.scan()  # rides along with M3
+        await self._flush()
+        auth = await self._expect(Authenticated)
+        assert isinstance(auth, Authenticated)
+        networks: tuple[Network, ...] = ()
+        if self.scan_networks:
+            scan = await self._expect(ScanResultsReceived)
+            assert isinstance(scan, ScanResultsReceived)
+            networks = scan.networks
+
+        await self._enter(Stage.CONFIRM, auth.sas)
+        if not await self.delegate.confirm_code(device, auth.sas):
+            session.close(Status.REJECTED_BY_USER)
+            await self._flush_quietly()
+            raise OnboardingError(Status.REJECTED_BY_USER, "You rejected the code.")
+
+        failure: ProvisionFailed | None = None
+        while True:
+            await self._enter(Stage.NETWORK)
+            choice = await self.delegate.choose_network(networks, failure)
+            if choice is None:
+                session.close(Status.REJECTED_BY_USER)
+                await self._flush_quietly()
+                raise OnboardingError(Status.REJECTED_BY_USER, "Cancelled.")
+            await self._enter(Stage.JOIN, choice.ssid.decode("utf-8", "replace"))
+            session.provision(choice.ssid, choice.passphrase, choice.security)
+            await self._flush()
+            outcome = await self._provision_outcome()
+            if isinstance(outcome, ProvisionSucceeded):
+                break
+            failure = outcome
+            self.report.timings.pop(Stage.NETWORK, None)
+            self.report.timings.pop(Stage.JOIN, None)
+            await self.delegate.stage_changed(
+                Stage.JOIN, StageState.FAILED, explain(outcome.status)[0]
+            )
+        self.report.handshake_round_trips = self.report.stats.round_trips
+
+        bound = await self.cloud.bind_complete(answer.attempt, outcome.ack)
+        self.report.identifier, self.report.epoch = bound.identifier, bound.epoch
+        session.close(Status.OK)
+        await self._flush_quietly()
+        with contextlib.suppress(LinkError):
+            await raw.disconnect()
+
+        await self._enter(Stage.CHECKIN)
+        if self.wait_checkin_s > 0:
+            self.report.checked_in = await self.cloud.wait_active(
+                bound.identifier, self.wait_checkin_s
+            )
+        await self._enter(Stage.DONE)
+        self.report.timings[Stage.DONE] = 0.0
+        await self.delegate.stage_changed(Stage.DONE, StageState.DONE, "")
+        self.report.status = Status.OK
+        self.report.message = "Onboarded."
+        return self.report
+
+    async def _provision_outcome(self) -> ProvisionSucceeded | ProvisionFailed:
+        while True:
+            event = await self._expect(ProgressReported, ProvisionFailed, ProvisionSucceeded)
+            if isinstance(event, ProgressReported):
+                await self.delegate.stage_changed(Stage.JOIN, StageState.RUNNING, event.detail)
+                continue
+            assert isinstance(event, (ProvisionSucceeded, ProvisionFailed))
+            return event

@@ -1,0 +1,178 @@
+"""The whole onboarding flow over the in-memory air: device runtime ↔ commissioner flow.
+
+Real peers on both ends (DeviceRuntime with its storage and Wi-Fi environment,
+the phone's Onboarding flow) and the cloud's computations between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+
+import pytest
+from ds1_pair import LocalCloud, make_factory
+from onboarding_helpers import (
+    LocalBindService,
+    ScriptedCommissioner,
+    ScriptedDeviceUser,
+)
+
+from ble.memory import MemoryAir
+from ble.profile import AdvState
+from device.runtime import DeviceRuntime
+from device.storage import DeviceStore
+from device.wifi import WifiEnvironment
+from phone.commissioner import NetworkChoice, Onboarding, Stage
+from protocol.errors import Status
+
+GOOD = NetworkChoice(b"DoorstepHome", "correct horse battery", 1)
+BAD = NetworkChoice(b"DoorstepHome", "wrong passphrase!", 1)
+
+
+@contextlib.asynccontextmanager
+async def running_device(tmp_path: Path, mtu: int = 247, user=None, checkin=True):
+    air = MemoryAir(mtu=mtu)
+    factory = make_factory()
+    cloud = LocalBindService(LocalCloud(factory))
+    wifi = WifiEnvironment.default()
+    wifi.set_join_delay(0)
+    user = user or ScriptedDeviceUser()
+    runtime = DeviceRuntime(
+        factory,
+        DeviceStore(tmp_path / "state"),
+        air.peripheral("C8:2B:96:1A:01:42"),
+        wifi,
+        user,
+        cloud if checkin else None,
+    )
+    task = asyncio.create_task(runtime.run())
+    await runtime.started.wait()
+    try:
+        yield air, runtime, cloud, user
+    finally:
+        runtime.stop()
+        await asyncio.wait_for(task, 5)
+
+
+@pytest.mark.parametrize("mtu", [23, 247])
+async def test_onboarding_happy_path(tmp_path: Path, mtu: int) -> None:
+    async with running_device(tmp_path, mtu) as (air, runtime, cloud, user):
+        (sighting,) = [s async for s in air.central().scan()]
+        assert sighting.name == "Doorstep-0142" and sighting.status.state is AdvState.UNPROVISIONED
+        assert sighting.status.window_open
+        delegate = ScriptedCommissioner(choices=[GOOD])
+        report = await Onboarding(air.central(), cloud, delegate, wait_checkin_s=5).run(
+            sighting.address, sighting.name
+        )
+        assert report.ok, report.message
+        assert report.checked_in
+        assert report.identifier == cloud.completed[0].identifier
+        assert delegate.codes == [user.requests[0].sas]  # same code on both ends
+        assert user.requests[0].ssid == "DoorstepHome"
+        assert any(n.ssid == b"DoorstepHome" for n in delegate.seen_networks)
+        assert report.handshake_round_trips == 3
+        assert [s for s, _st, _d in delegate.stages if _st.value == "running"][:3] == [
+            Stage.CONNECT,
+            Stage.VERIFY,
+            Stage.SECURE,
+        ]
+        await asyncio.wait_for(runtime.onboarded.wait(), 5)
+        assert runtime.state.active is not None
+        assert runtime.state.active.identifier == report.identifier
+        assert runtime.state.pending is None
+        assert runtime.current_status().state is AdvState.PROVISIONED
+        assert not runtime.current_status().window_open
+        # the stored state survives a restart
+        reloaded = DeviceStore(tmp_path / "state").load()
+        assert reloaded.active == runtime.state.active
+
+
+async def test_wrong_passphrase_then_right_in_same_session(tmp_path: Path) -> None:
+    async with running_device(tmp_path) as (air, _runtime, cloud, user):
+        delegate = ScriptedCommissioner(choices=[BAD, GOOD])
+        report = await Onboarding(air.central(), cloud, delegate, wait_checkin_s=5).run(
+            "C8:2B:96:1A:01:42"
+        )
+        assert report.ok
+        assert [f.status for f in delegate.failures] == [Status.WIFI_AUTH_FAILED]
+        assert len(user.requests) == 1  # same SSID: the device asked its user once
+        assert len(cloud.completed) == 1
+
+
+async def test_commissioner_rejects_code(tmp_path: Path) -> None:
+    async with running_device(tmp_path) as (air, runtime, cloud, _user):
+        delegate = ScriptedCommissioner(accept_code=False)
+        report = await Onboarding(air.central(), cloud, delegate).run("C8:2B:96:1A:01:42")
+        assert report.status is Status.REJECTED_BY_USER and report.stage is Stage.CONFIRM
+        await asyncio.sleep(0.05)
+        assert runtime.session is None
+        assert runtime.state.pending is None and runtime.state.active is None
+        assert runtime.current_status().state is AdvState.UNPROVISIONED
+        assert runtime.gate.failures == 0  # M3 was accepted: no back-off
+
+
+async def test_device_user_rejects(tmp_path: Path) -> None:
+    async with running_device(tmp_path, user=ScriptedDeviceUser(answer=False)) as (
+        air,
+        runtime,
+        cloud,
+        _user,
+    ):
+        delegate = ScriptedCommissioner(choices=[GOOD])
+        report = await Onboarding(air.central(), cloud, delegate).run("C8:2B:96:1A:01:42")
+        assert report.status is Status.REJECTED_BY_USER and report.stage is Stage.JOIN
+        assert "rejected" in report.message.lower()
+        assert runtime.state.pending is None
+        assert cloud.completed == []
+
+
+async def test_window_closed_after_provisioning(tmp_path: Path) -> None:
+    async with running_device(tmp_path) as (air, runtime, cloud, _user):
+        first = await Onboarding(
+            air.central(), cloud, ScriptedCommissioner(choices=[GOOD]), wait_checkin_s=5
+        ).run("C8:2B:96:1A:01:42")
+        assert first.ok
+        second = await Onboarding(air.central(), cloud, ScriptedCommissioner(choices=[GOOD])).run(
+            "C8:2B:96:1A:01:42"
+        )
+        assert second.status is Status.WINDOW_CLOSED
+        assert "pairing" in second.message.lower() or "button" in second.hint.lower()
+        runtime.press_button()
+        await asyncio.sleep(0.01)
+        third = await Onboarding(
+            air.central(), cloud, ScriptedCommissioner(choices=[GOOD]), wait_checkin_s=5
+        ).run("C8:2B:96:1A:01:42")
+        assert third.ok and third.epoch == 2
+
+
+async def test_cancel_mid_pairing_returns_device_to_advertising(tmp_path: Path) -> None:
+    async with running_device(tmp_path, user=ScriptedDeviceUser(answer=None)) as (
+        air,
+        runtime,
+        cloud,
+        user,
+    ):
+        flow = Onboarding(air.central(), cloud, ScriptedCommissioner(choices=[GOOD]))
+        task = asyncio.create_task(flow.run("C8:2B:96:1A:01:42"))
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+            if user.requests:
+                break
+        assert user.requests, "device never asked its user"
+        assert runtime.current_status().state is AdvState.BUSY
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            await asyncio.sleep(0.005)
+            if runtime.session is None:
+                break
+        assert runtime.session is None
+        assert runtime.current_status().state is AdvState.UNPROVISIONED
+        assert runtime.state.pending is None
+
+
+def test_os_urandom_is_default_rng() -> None:
+    assert Onboarding.__init__.__kwdefaults__["rng"] is os.urandom
