@@ -437,6 +437,8 @@ class Onboarding:
             if choice is None:
                 session.close(Status.REJECTED_BY_USER)
                 await self._flush_quietly()
+                if failure is not None:  # gave up after a failed join: report why
+                    raise OnboardingError(failure.status, explain(failure.status)[0])
                 raise OnboardingError(Status.REJECTED_BY_USER, "Cancelled.")
             await self._enter(Stage.JOIN, choice.ssid.decode("utf-8", "replace"))
             session.provision(choice.ssid, choice.passphrase, choice.security)

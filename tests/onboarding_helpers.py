@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from ds1_pair import LocalCloud
-
 from device.runtime import CheckinRefused, ConfirmRequest
+from ds1_pair import LocalCloud
 from phone.commissioner import (
     BindStartAnswer,
     BoundDevice,
@@ -110,3 +109,37 @@ class ScriptedDeviceUser:
 
     async def show(self, message: str) -> None:
         self.messages.append(message)
+
+
+class LocalFleetBindService:
+    """LocalBindService for many devices at once, routed by the dev_id in M2."""
+
+    def __init__(self) -> None:
+        self.by_dev_id: dict[bytes, LocalBindService] = {}
+        self._attempts: dict[str, LocalBindService] = {}
+
+    def add(self, cloud: LocalCloud) -> None:
+        self.by_dev_id[cloud.factory.dev_id] = LocalBindService(cloud)
+
+    @property
+    def completed(self) -> list[BoundDevice]:
+        return [b for s in self.by_dev_id.values() for b in s.completed]
+
+    async def bind_start(self, request: BindStartRequest) -> BindStartAnswer:
+        service = self.by_dev_id[request.challenge.dev_id]
+        answer = await service.bind_start(request)
+        self._attempts[answer.attempt] = service
+        return answer
+
+    async def bind_complete(self, attempt: str, ack: bytes) -> BoundDevice:
+        return await self._attempts[attempt].bind_complete(attempt, ack)
+
+    async def wait_active(self, identifier: bytes, timeout: float) -> bool:
+        return any(identifier in s.active for s in self.by_dev_id.values())
+
+    async def checkin(self, identifier: bytes, k_dev: bytes, ack: bytes) -> None:
+        for s in self.by_dev_id.values():
+            if any(a.identity.identifier == identifier for a in s.cloud.answers):
+                await s.checkin(identifier, k_dev, ack)
+                return
+        raise CheckinRefused("unknown identifier")

@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from device_storage_crasher import EXIT_CODE, next_state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,6 +32,7 @@ from device.storage import (
     _checksum,
     encode_slot,
 )
+from device_storage_crasher import EXIT_CODE, next_state
 from protocol.pairing import PairingGate
 
 REPO = Path(__file__).resolve().parent.parent

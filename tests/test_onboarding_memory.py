@@ -12,18 +12,18 @@ import os
 from pathlib import Path
 
 import pytest
-from ds1_pair import LocalCloud, make_factory
-from onboarding_helpers import (
-    LocalBindService,
-    ScriptedCommissioner,
-    ScriptedDeviceUser,
-)
 
 from ble.memory import MemoryAir
 from ble.profile import AdvState
 from device.runtime import DeviceRuntime
 from device.storage import DeviceStore
 from device.wifi import WifiEnvironment
+from ds1_pair import LocalCloud, make_factory
+from onboarding_helpers import (
+    LocalBindService,
+    ScriptedCommissioner,
+    ScriptedDeviceUser,
+)
 from phone.commissioner import NetworkChoice, Onboarding, Stage
 from protocol.errors import Status
 
@@ -176,3 +176,12 @@ async def test_cancel_mid_pairing_returns_device_to_advertising(tmp_path: Path) 
 
 def test_os_urandom_is_default_rng() -> None:
     assert Onboarding.__init__.__kwdefaults__["rng"] is os.urandom
+
+
+async def test_giving_up_after_failed_join_reports_the_wifi_status(tmp_path: Path) -> None:
+    async with running_device(tmp_path) as (air, runtime, cloud, _user):
+        delegate = ScriptedCommissioner(choices=[BAD])  # no second choice: give up
+        report = await Onboarding(air.central(), cloud, delegate).run("C8:2B:96:1A:01:42")
+        assert report.status is Status.WIFI_AUTH_FAILED
+        assert "passphrase" in report.message.lower()
+        assert runtime.state.pending is None and cloud.completed == []

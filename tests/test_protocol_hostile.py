@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 
 import pytest
-from ds1_pair import handshake, make_pair, to_commissioner, to_device
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ds1_pair import handshake, make_pair, to_commissioner, to_device
 from protocol import cloudside
 from protocol.commissioner_side import (
     COMMISSIONER_SESSION_TABLE,

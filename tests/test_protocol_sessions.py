@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from ds1_pair import (
     FakeClock,
     handshake,
@@ -20,7 +21,6 @@ from ds1_pair import (
     to_commissioner,
     to_device,
 )
-
 from protocol.commissioner_side import (
     BindStartNeeded,
     CommissionerSessionState,

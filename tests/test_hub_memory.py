@@ -1,0 +1,141 @@
+"""The hub's commissioner over the in-memory air: many devices, bounded parallelism, outcomes.
+
+Real device runtimes (one per simulated device) and the hub's real flow;
+the cloud's computations in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+from ble.memory import MemoryAir
+from ble.profile import AdvState
+from device.runtime import DeviceRuntime
+from device.storage import DeviceStore
+from device.wifi import WifiEnvironment, WifiFaults
+from ds1_pair import LocalCloud, make_factory
+from hub.registry import HubRegistry
+from hub.runtime import DeviceProgress, HubCommissioner, ScriptedOperator
+from onboarding_helpers import LocalFleetBindService, ScriptedDeviceUser
+from phone.commissioner import NetworkChoice
+from protocol.errors import Status
+
+HOME = NetworkChoice(b"DoorstepHome", "correct horse battery", 1)
+
+
+@contextlib.asynccontextmanager
+async def fleet(tmp_path: Path, count: int, wifi_faults: dict[int, WifiFaults] | None = None):
+    air = MemoryAir()
+    cloud = LocalFleetBindService()
+    runtimes: list[DeviceRuntime] = []
+    tasks = []
+    for i in range(count):
+        factory = make_factory(seed=i + 1, model=f"Doorstep Plug P{i}")
+        cloud.add(LocalCloud(factory))
+        wifi = WifiEnvironment.default()
+        wifi.set_join_delay(0)
+        if wifi_faults and i in wifi_faults:
+            wifi.set_faults(wifi_faults[i])
+        rt = DeviceRuntime(
+            factory,
+            DeviceStore(tmp_path / f"dev{i}"),
+            air.peripheral(factory.mac_text, rssi=-40 - i),
+            wifi,
+            ScriptedDeviceUser(),
+            cloud,
+        )
+        runtimes.append(rt)
+        tasks.append(asyncio.create_task(rt.run()))
+        await rt.started.wait()
+    try:
+        yield air, cloud, runtimes
+    finally:
+        for rt in runtimes:
+            rt.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+
+async def run_hub(air, cloud, tmp_path, operator, expected: int, max_parallel: int = 4):
+    async with HubRegistry(tmp_path / "hub.db") as registry:
+        hub = HubCommissioner(
+            air.central(),
+            cloud,
+            operator,
+            HOME,
+            registry,
+            max_parallel=max_parallel,
+            scan_period_s=0.01,
+            retry_base_s=0.01,
+        )
+        stop = asyncio.Event()
+        peak = 0
+
+        def watch() -> None:
+            nonlocal peak
+            active = sum(
+                d.progress
+                in (
+                    DeviceProgress.CONNECTING,
+                    DeviceProgress.AWAITING_OPERATOR,
+                    DeviceProgress.PROVISIONING,
+                )
+                for d in hub.devices.values()
+            )
+            peak = max(peak, active)
+
+        hub.on_change = watch
+        task = asyncio.create_task(hub.run(stop))
+        for _ in range(1000):
+            await asyncio.sleep(0.01)
+            done = [
+                d
+                for d in hub.devices.values()
+                if d.progress
+                in (DeviceProgress.ONBOARDED, DeviceProgress.FAILED, DeviceProgress.REJECTED)
+            ]
+            if len(done) >= expected and not hub._tasks:
+                break
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        return hub, await registry.all(), peak
+
+
+async def test_hub_onboards_20_devices_4_at_a_time(tmp_path: Path) -> None:
+    async with fleet(tmp_path, 20) as (air, cloud, runtimes):
+        hub, rows, peak = await run_hub(air, cloud, tmp_path, ScriptedOperator(True), 20)
+        assert hub.stats.onboarded == 20, [r.message for r in rows if r.status]
+        assert 1 < peak <= 4
+        assert len(cloud.completed) == 20
+        assert all(r.final and r.status == 0 for r in rows) and len(rows) == 20
+        for rt in runtimes:
+            await asyncio.wait_for(rt.onboarded.wait(), 5)
+            assert rt.current_status().state is AdvState.PROVISIONED
+            assert rt.state.wifi is not None and rt.state.wifi.ssid == b"DoorstepHome"
+
+
+async def test_failed_join_reported_and_not_retried(tmp_path: Path) -> None:
+    faults = {0: WifiFaults(dhcp_failure=True)}
+    async with fleet(tmp_path, 2, faults) as (air, cloud, runtimes):
+        hub, rows, _ = await run_hub(air, cloud, tmp_path, ScriptedOperator(True), 2)
+        failed = [d for d in hub.devices.values() if d.progress is DeviceProgress.FAILED]
+        assert len(failed) == 1 and failed[0].attempts == 1
+        row = next(r for r in rows if r.address == failed[0].address)
+        assert row.status == Status.NO_IP_ADDRESS and row.final
+        assert hub.stats.onboarded == 1
+        assert runtimes[0].state.pending is None and runtimes[0].state.active is None
+
+
+async def test_rejected_device_stays_untouched_and_advertising(tmp_path: Path) -> None:
+    async with fleet(tmp_path, 1) as (air, cloud, runtimes):
+        operator = ScriptedOperator(False)
+        hub, rows, _ = await run_hub(air, cloud, tmp_path, operator, 1)
+        assert hub.stats.rejected == 1 and operator.asked == [runtimes[0].factory.mac_text]
+        assert rows[0].status == Status.REJECTED_BY_USER and rows[0].final
+        rt = runtimes[0]
+        await asyncio.sleep(0.02)
+        assert rt.state.pending is None and rt.state.active is None
+        assert rt.current_status().state is AdvState.UNPROVISIONED
+        assert rt.current_status().window_open
+        assert cloud.completed == []
