@@ -1,0 +1,199 @@
+"""``doorstep hub``: run a hub (first a device, then a commissioner), list what it brought in."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> None:
+    hub = subparsers.add_parser(
+        "hub", help="a home hub: onboarded by the phone, then onboards devices"
+    )
+    hub.set_defaults(func=lambda _a: (hub.print_help(), 2)[1])
+    sub = hub.add_subparsers(dest="hub_command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the hub")
+    run.add_argument("--factory", required=True, type=Path, help="the hub's factory record JSON")
+    run.add_argument("--state", required=True, type=Path, help="state directory")
+    run.add_argument(
+        "--confirm",
+        choices=("prompt", "accept", "reject"),
+        default="prompt",
+        help="operator decisions: a console (default) or unattended accept/reject",
+    )
+    run.add_argument("--max-parallel", type=int, default=4, help="onboardings at once (default 4)")
+    run.add_argument("--cloud", help="cloud base URL (default: $DOORSTEP_CLOUD_URL)")
+    run.add_argument("--wifi", type=Path, help="the hub's own Wi-Fi environment JSON")
+    run.add_argument(
+        "--attempts", type=int, default=3, help="tries per device for transient failures"
+    )
+    run.set_defaults(func=cmd_run)
+
+    devices = sub.add_parser("devices", help="the devices this hub brought in")
+    devices.add_argument("--state", required=True, type=Path, help="state directory")
+    devices.add_argument("--json", action="store_true", help="print JSON")
+    devices.set_defaults(func=cmd_devices)
+
+
+def _fail(message: str) -> int:
+    print(f"doorstep hub: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from protocol.errors import MessageError
+    from protocol.factory import FactoryRecord
+
+    if args.max_parallel < 1:
+        return _fail("--max-parallel must be at least 1")
+    cloud_url = args.cloud or os.environ.get("DOORSTEP_CLOUD_URL")
+    if not cloud_url:
+        return _fail("no cloud URL: pass --cloud or set DOORSTEP_CLOUD_URL")
+    try:
+        factory = FactoryRecord.loads(args.factory.read_text())
+    except OSError as exc:
+        return _fail(f"cannot read {args.factory}: {exc.strerror}")
+    except MessageError as exc:
+        return _fail(f"{args.factory}: {exc.message}")
+    try:
+        return asyncio.run(_run(args, factory, cloud_url))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _say(message: str) -> None:
+    print(f"[hub] {message}", flush=True)
+
+
+async def _run(args: argparse.Namespace, factory: Any, cloud_url: str) -> int:
+    from device.storage import DeviceStore
+
+    store = DeviceStore(args.state)
+    state = store.load()
+    if state.active is None:
+        _say("not onboarded yet: advertising as a device for the phone app")
+        if not await _device_phase(args, factory, store, cloud_url):
+            return 1
+        state = store.load()
+    assert state.active is not None and state.wifi is not None
+    _say(f"onboarded as {state.active.identifier.hex()[:8]}; accepting devices")
+    return await _commissioner_phase(args, state, cloud_url)
+
+
+async def _device_phase(args: argparse.Namespace, factory: Any, store: Any, cloud_url: str) -> bool:
+    """First boot: the hub is a device (the same runtime as any device)."""
+    from ble.bless_peripheral import BlessPeripheral
+    from device.cloudlink import CloudCheckin
+    from device.runtime import DeviceRuntime
+    from device.user import ScriptedUser, TerminalUser
+    from device.wifi import WifiEnvironment
+
+    wifi = WifiEnvironment.load(args.wifi) if args.wifi else WifiEnvironment.default()
+    checkin = CloudCheckin(cloud_url)
+    runtime: DeviceRuntime
+    user: Any
+    if args.confirm == "prompt":
+        user = TerminalUser(on_button=lambda: runtime.press_button())
+    else:
+        user = ScriptedUser(args.confirm == "accept", out=lambda m: print(m, flush=True))
+    runtime = DeviceRuntime(factory, store, BlessPeripheral(), wifi, user, checkin)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, runtime.stop)
+    if isinstance(user, TerminalUser):
+        user.start()
+    task = asyncio.create_task(runtime.run())
+    done = asyncio.create_task(runtime.onboarded.wait())
+    await asyncio.wait({task, done}, return_when=asyncio.FIRST_COMPLETED)
+    runtime.stop()
+    await task
+    await checkin.close()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+    return done.done()
+
+
+async def _commissioner_phase(args: argparse.Namespace, state: Any, cloud_url: str) -> int:
+    from phone.cloudlink import CloudBindService
+
+    from ble.bleak_central import BleakCentral
+    from hub.console import ConsoleOperator, HubConsole
+    from hub.registry import HubRegistry
+    from hub.runtime import HubCommissioner, ScriptedOperator
+    from phone.commissioner import NetworkChoice
+
+    cloud = CloudBindService(cloud_url, hub_identity=(state.active.identifier, state.active.k_dev))
+    wifi = NetworkChoice(state.wifi.ssid, state.wifi.passphrase, state.wifi.security)
+    async with HubRegistry(args.state / "hub.db") as registry:
+        operator: Any = (
+            ConsoleOperator()
+            if args.confirm == "prompt"
+            else ScriptedOperator(args.confirm == "accept")
+        )
+        hub = HubCommissioner(
+            BleakCentral(),
+            cloud,
+            operator,
+            wifi,
+            registry,
+            max_parallel=args.max_parallel,
+            max_attempts=args.attempts,
+        )
+        try:
+            if isinstance(operator, ConsoleOperator):
+                await HubConsole(hub, operator, title=state.active.identifier.hex()[:8]).run_async()
+            else:
+                stop = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(sig, stop.set)
+                last = (-1, -1, -1)
+                hub.on_change = lambda: None
+                runner = asyncio.create_task(hub.run(stop))
+                while not runner.done():
+                    await asyncio.sleep(0.5)
+                    s = hub.stats
+                    now = (s.onboarded, s.failed, s.rejected)
+                    if now != last:
+                        last = now
+                        _say(f"onboarded {s.onboarded}, failed {s.failed}, rejected {s.rejected}")
+                await runner
+        finally:
+            await cloud.aclose()
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from hub.registry import HubRegistry
+
+    path = args.state / "hub.db"
+    if not path.exists():
+        return _fail(f"no hub registry in {args.state} (has the hub run yet?)")
+
+    async def load() -> list[Any]:
+        async with HubRegistry(path) as registry:
+            return await registry.latest_by_device()
+
+    rows = asyncio.run(load())
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=2))
+        return 0
+    if not rows:
+        print("no devices yet")
+        return 0
+    print(f"{'device':16s} {'model':20s} {'outcome':22s} {'id':9s} {'tries':5s} {'time':>7s}  when")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.started_at))
+        print(
+            f"{r.name[:16]:16s} {(r.model or '-')[:20]:20s} {r.status_name[:22]:22s} "
+            f"{(r.identifier or '-')[:8]:9s} {r.attempt:5d} {r.duration_s:6.2f}s  {when}"
+        )
+    return 0
