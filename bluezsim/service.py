@@ -945,11 +945,22 @@ class SimulatedBluez:
         device = self._device_for(adapter, msg.path or "")
         if device.connecting is not None:
             device.connecting.cancel()
-        if device.link is not None:
-            link = device.link
+        link = device.link or self._peer_link(adapter, device)
+        if link is not None:
             if self.timing.enabled and link.alive and not link.silent:
                 await sleep_until(self.clock() + link.interval, self.clock)
             await self._teardown(link)
+
+    def _peer_link(self, peripheral: Adapter, peer: RemoteDevice) -> Link | None:
+        """The link a connected central (seen by the peripheral as ``peer``) holds to it.
+
+        BlueZ lets a peripheral's owner drop a central with ``Device1.Disconnect``
+        on the peer's object, as for any connection.
+        """
+        for link in peripheral.links:
+            if link.peripheral is peripheral and link.central.address == peer.address:
+                return link
+        return None
 
     async def _device_pair(self, msg: Message, adapter: Adapter, sender: str) -> None:
         device = self._device_for(adapter, msg.path or "")
