@@ -1,0 +1,482 @@
+"""The cloud's HTTP service (PROTOCOL.md §6): a FastAPI app factory.
+
+``create_app(settings, registry=…, kek=…, entropy=…, clock=…)`` builds the app;
+its lifespan owns the database (when it opened it) and a maintenance task that
+prunes expired rows and checkpoints SQLite's WAL off the request path. One
+exception handler renders every :class:`~cloud.errors.CloudProblem` as RFC 9457
+``application/problem+json``; FastAPI's validation errors, 404 and 405 are
+converted too, and anything unexpected becomes a bare 500 problem without a
+traceback. Bodies over 16 KiB are refused with 413 (declared length and
+streamed bytes both count).
+
+``cloud.app:app_from_env`` is the factory uvicorn imports when serving with
+several workers (``uvicorn --factory``); it reads ``DOORSTEP_CLOUD_DB`` and the
+KEK variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cloud.errors import (
+    BadRequest,
+    CloudProblem,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unauthorized,
+)
+from cloud.keys import KeyEncryptionKey, load_kek
+from cloud.service import BindService, BindStartInput, Principal
+from cloud.settings import ENV_DB, EntropySourceLike, Settings, default_database_url
+from cloud.store.registry import Registry, open_registry
+
+log = logging.getLogger("doorstep.cloud")
+
+PROBLEM_JSON = "application/problem+json"
+_B64 = r"^[A-Za-z0-9_-]*$"
+
+
+# --- schemas (for validation and the OpenAPI document) -----------------------------------
+
+
+class BindStartRequest(BaseModel):
+    """§6.1 request; binary fields are base64url without padding."""
+
+    m1: str = Field(max_length=4096, pattern=_B64)
+    m2: str = Field(max_length=4096, pattern=_B64)
+    commissioner_pub: str = Field(max_length=64, pattern=_B64)
+    commissioner_nonce: str = Field(max_length=64, pattern=_B64)
+
+
+class DeviceSummary(BaseModel):
+    dev_id: str
+    model: str
+
+
+class BindStartAnswer(BaseModel):
+    attempt: str
+    ticket: str
+    seal: str
+    session_secret: str
+    wrapped_identity: str
+    device: DeviceSummary
+    expires_in: int
+
+
+class BindCompleteRequest(BaseModel):
+    attempt: str = Field(max_length=64, pattern=_B64)
+    ack: str = Field(max_length=64, pattern=_B64)
+
+
+class BindCompleteAnswer(BaseModel):
+    dev_id: str
+    identifier: str
+    epoch: int
+
+
+class CheckinRequest(BaseModel):
+    ack: str = Field(max_length=64, pattern=_B64)
+
+
+class DeviceView(BaseModel):
+    identifier: str | None
+    dev_id: str
+    model: str
+    epoch: int | None
+    state: str = Field(description="pending (bound, device not yet checked in) or active")
+    bound_at: int | None = Field(description="unix seconds")
+    last_checkin: int | None = Field(description="unix seconds")
+
+
+class Problem(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+
+
+_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    status: {"model": Problem, "content": {PROBLEM_JSON: {}}}
+    for status in (400, 401, 403, 404, 409, 410, 413, 422, 429)
+}
+
+
+# --- problem rendering -------------------------------------------------------------------
+
+
+def problem_response(problem: CloudProblem) -> Response:
+    return Response(
+        content=json.dumps(problem.to_problem()).encode("utf-8"),
+        status_code=problem.status,
+        media_type=PROBLEM_JSON,
+        headers=problem.headers,
+    )
+
+
+async def _on_problem(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, CloudProblem)
+    return problem_response(exc)
+
+
+async def _on_validation(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    if any(error.get("type") == "json_invalid" for error in errors):
+        return problem_response(BadRequest("the body is not valid JSON", code="malformed_json"))
+    # Name the fields and what is wrong, never echo the values sent.
+    parts = []
+    for error in errors[:10]:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return problem_response(InvalidRequest("; ".join(parts) or "invalid request"))
+
+
+async def _on_http(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    problem: CloudProblem
+    if exc.status_code == 404:
+        problem = NotFound("no such resource", code="not_found")
+    elif exc.status_code == 405:
+        problem = MethodNotAllowed("method not allowed on this resource")
+    elif exc.status_code == 400:
+        problem = BadRequest("the body could not be read", code="malformed_body")
+    else:
+        problem = CloudProblem(str(exc.detail), code=f"http_{exc.status_code}")
+        problem.status = exc.status_code
+        problem.title = "HTTP error"
+    return problem_response(problem)
+
+
+async def _on_unexpected(_request: Request, exc: Exception) -> Response:
+    log.error("unexpected error: %s", type(exc).__name__)
+    return problem_response(CloudProblem("internal error", code="internal_error"))
+
+
+# --- body limit ----------------------------------------------------------------------------
+
+
+class BodyLimitMiddleware:
+    """413 for a declared or streamed body above ``max_bytes``."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = PayloadTooLarge(f"request bodies are limited to {self.max_bytes} bytes")
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await _send_problem(
+                        send, BadRequest("bad Content-Length", code="malformed_body")
+                    )
+                    return
+                if declared > self.max_bytes:
+                    await _send_problem(send, too_large)
+                    return
+        received = 0
+        overflow = False
+        replied = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, overflow
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    overflow = True
+                    raise too_large
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal replied
+            if overflow:
+                # Whatever the app made of the aborted read, the answer is 413.
+                if not replied:
+                    replied = True
+                    await _send_problem(send, too_large)
+                return
+            if message["type"] == "http.response.start":
+                replied = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except PayloadTooLarge:
+            if not replied:
+                await _send_problem(send, too_large)
+
+
+async def _send_problem(send: Send, problem: CloudProblem) -> None:
+    body = json.dumps(problem.to_problem()).encode("utf-8")
+    headers = [
+        (b"content-type", PROBLEM_JSON.encode()),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# --- the app factory -----------------------------------------------------------------------
+
+
+def cloud_entropy(env: dict[str, str] | None = None) -> EntropySourceLike:
+    """The protocol core's fail-closed source, OS CSPRNG only by default.
+
+    ``/dev/hwrng`` is mixed in (``protocol.entropy.default_entropy``) only with
+    ``DOORSTEP_CLOUD_HWRNG=1``: the hardware supplement is read at the device's
+    rate (about 9 KB/s here), which would cap bind/start near 75/s.
+    """
+    from protocol.entropy import EntropySource, default_entropy
+
+    env = dict(os.environ) if env is None else env
+    if env.get("DOORSTEP_CLOUD_HWRNG") == "1":
+        return default_entropy()
+    return EntropySource()
+
+
+def _path_and_query(request: Request) -> str:
+    """The path-and-query as sent (§6.3 signs it byte for byte)."""
+    raw = request.scope.get("raw_path") or request.scope["path"].encode("utf-8")
+    query = request.scope.get("query_string", b"")
+    text = raw.decode("latin-1")
+    return text + "?" + query.decode("latin-1") if query else text
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    registry: Registry | None = None,
+    kek: KeyEncryptionKey | bytes | None = None,
+    entropy: EntropySourceLike | None = None,
+    clock: Callable[[], float] | None = None,
+) -> FastAPI:
+    """Build the cloud app. Missing KEK → :class:`~cloud.errors.ConfigurationError` ``kek_missing``.
+
+    With ``registry`` given, the caller owns it (and the app is usable without
+    running its lifespan, e.g. under ``httpx.ASGITransport``); otherwise the
+    lifespan opens ``settings.database_url`` and closes it on shutdown.
+    """
+    settings = settings or Settings()
+    if kek is None:
+        kek = load_kek()
+    key = kek if isinstance(kek, KeyEncryptionKey) else KeyEncryptionKey(kek)
+    if entropy is None:
+        entropy = cloud_entropy()
+    the_clock = clock or time.time
+    state: dict[str, Any] = {}
+
+    def make_service(reg: Registry) -> BindService:
+        return BindService(reg, key, settings, entropy, the_clock)
+
+    if registry is not None:
+        state["service"] = make_service(registry)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        opened: Registry | None = None
+        if "service" not in state:
+            opened = await open_registry(settings.database_url, migrate=settings.auto_migrate)
+            state["service"] = make_service(opened)
+        maintenance = asyncio.create_task(_maintain(state["service"], settings))
+        try:
+            yield
+        finally:
+            maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await maintenance
+            if opened is not None:
+                await opened.close()
+                state.pop("service", None)
+
+    app = FastAPI(
+        title="Doorstep cloud",
+        version="1",
+        summary="DS1 onboarding: bind/start, bind/complete, check-in and owner views (§6).",
+        lifespan=lifespan,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+        redoc_url=None,
+    )
+    app.add_exception_handler(CloudProblem, _on_problem)
+    app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(Exception, _on_unexpected)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+
+    def service() -> BindService:
+        svc = state.get("service")
+        if svc is None:
+            raise ServiceUnavailable("the service is starting or stopping", code="not_ready")
+        assert isinstance(svc, BindService)
+        return svc
+
+    async def principal_of(request: Request) -> Principal:
+        """A user (Bearer) or a hub acting for its owner (DS1-HMAC, §6.3)."""
+        header = request.headers.get("authorization")
+        if not header:
+            raise Unauthorized("an Authorization header is required")
+        if header.startswith("Bearer "):
+            return await service().authenticate_user(header[len("Bearer ") :])
+        if header.startswith("DS1-HMAC "):
+            body = await request.body()
+            return await service().authenticate_hub(
+                header, request.method, _path_and_query(request), body
+            )
+        raise Unauthorized("use Bearer or DS1-HMAC authorization")
+
+    def client_address(request: Request) -> str:
+        return request.client.host if request.client else "unknown"
+
+    def json_response(body: bytes, status: int = 200) -> Response:
+        return Response(content=body, status_code=status, media_type="application/json")
+
+    @app.get("/v1/health", tags=["service"], summary="Liveness (no database access)")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post(
+        "/v1/bind/start",
+        status_code=201,
+        response_model=BindStartAnswer,
+        responses=_PROBLEMS,
+        tags=["bind"],
+        summary="§6.1 answer a device challenge (user bearer token or hub signature)",
+    )
+    async def bind_start(body: BindStartRequest, request: Request) -> Response:
+        principal = await principal_of(request)
+        answer = await service().bind_start(
+            principal,
+            BindStartInput(body.m1, body.m2, body.commissioner_pub, body.commissioner_nonce),
+            client_address(request),
+        )
+        return json_response(answer, 201)
+
+    @app.post(
+        "/v1/bind/complete",
+        response_model=BindCompleteAnswer,
+        responses=_PROBLEMS,
+        tags=["bind"],
+        summary="§6.2 complete an attempt with the device's Ack",
+    )
+    async def bind_complete(body: BindCompleteRequest, request: Request) -> Response:
+        principal = await principal_of(request)
+        return json_response(await service().bind_complete(principal, body.attempt, body.ack))
+
+    @app.post(
+        "/v1/devices/checkin",
+        response_model=BindCompleteAnswer,
+        responses=_PROBLEMS,
+        tags=["devices"],
+        summary="§6.4 device check-in, signed (§6.3) with the pending K_dev",
+    )
+    async def checkin(body: CheckinRequest, request: Request) -> Response:
+        header = request.headers.get("authorization")
+        if not header or not header.startswith("DS1-HMAC "):
+            raise Unauthorized("check-in needs a DS1-HMAC signature", code="bad_signature")
+        raw = await request.body()
+        caller = await service().authenticate_device(
+            header, request.method, _path_and_query(request), raw
+        )
+        return json_response(await service().checkin(caller, body.ack))
+
+    @app.get(
+        "/v1/devices",
+        response_model=list[DeviceView],
+        responses=_PROBLEMS,
+        tags=["devices"],
+        summary="§6.5 the caller's devices",
+    )
+    async def devices(request: Request) -> list[dict[str, Any]]:
+        return await service().devices(await principal_of(request))
+
+    @app.get(
+        "/v1/devices/{identifier}",
+        response_model=DeviceView,
+        responses=_PROBLEMS,
+        tags=["devices"],
+        summary="§6.5 one of the caller's devices",
+    )
+    async def device(identifier: str, request: Request) -> dict[str, Any]:
+        return await service().device(await principal_of(request), identifier)
+
+    @app.delete(
+        "/v1/devices/{identifier}",
+        status_code=204,
+        responses=_PROBLEMS,
+        tags=["devices"],
+        summary="§6.5 unbind: the owner releases the device; its identities are retired",
+    )
+    async def unbind(identifier: str, request: Request) -> Response:
+        await service().unbind(await principal_of(request), identifier)
+        return Response(status_code=204)
+
+    app.state.cloud = state
+    return app
+
+
+async def _maintain(service: BindService, settings: Settings) -> None:
+    """Prune expired rows and checkpoint the WAL, off the request path."""
+    while True:
+        await asyncio.sleep(settings.maintenance_interval_s)
+        try:
+            async with service.registry.transaction() as tx:
+                await tx.prune(
+                    service.now(),
+                    attempt_retention_s=settings.completion_window_s + 86400,
+                    rate_window_s=settings.rate_window_s,
+                )
+            await service.registry.checkpoint()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # keep serving; the next round retries
+            log.warning("maintenance failed: %s", type(exc).__name__)
+
+
+def settings_from_env(env: dict[str, str] | None = None) -> Settings:
+    """Settings from ``DOORSTEP_CLOUD_*`` variables (used by ``app_from_env``)."""
+    env = dict(os.environ) if env is None else env
+    numbers = {
+        "rate_per_user": "DOORSTEP_CLOUD_RATE_USER",
+        "rate_per_device": "DOORSTEP_CLOUD_RATE_DEVICE",
+        "rate_per_address": "DOORSTEP_CLOUD_RATE_ADDRESS",
+        "rate_window_s": "DOORSTEP_CLOUD_RATE_WINDOW",
+    }
+    overrides: dict[str, Any] = {
+        field: int(env[name]) for field, name in numbers.items() if env.get(name)
+    }
+    if env.get("DOORSTEP_CLOUD_MAINTENANCE_S"):
+        overrides["maintenance_interval_s"] = float(env["DOORSTEP_CLOUD_MAINTENANCE_S"])
+    return Settings(database_url=env.get(ENV_DB) or default_database_url(env), **overrides)
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory cloud.app:app_from_env`` (several workers)."""
+    return create_app(settings_from_env())
+
+
+ProblemHandler = Callable[[Request, Exception], Awaitable[Response]]

@@ -1,0 +1,332 @@
+"""``doorstep cloud …``: serve the §6 API and administer devices and users.
+
+Sub-commands: ``serve``, ``migrate``, ``factory new`` (§7 records, one JSON file
+per device, mode 0600, registered in batches), ``user add`` (prints the token
+once), ``devices`` (a table or ``--json``) and ``kek new``. ``--db`` takes
+``sqlite:///relative.db``, ``sqlite:////absolute.db`` or ``postgresql://…``;
+``DOORSTEP_CLOUD_DB`` also works, and the default is
+``$XDG_DATA_HOME/doorstep/cloud.db`` (``~/.local/share/doorstep/cloud.db``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cloud.errors import ConfigurationError
+from cloud.keys import ENV_KEK_FILE, PURPOSE_K_INIT, KeyEncryptionKey, load_kek, write_new_kek
+from cloud.service import BindService, hash_token
+from cloud.settings import ENV_DB, default_database_url
+from cloud.store.registry import Registry, open_registry
+from protocol.encoding import b64url_encode
+from protocol.factory import FactoryRecord
+
+T = TypeVar("T")
+
+FACTORY_BATCH = 5000
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``cloud`` and its sub-commands on the top-level ``doorstep`` parser."""
+    cloud = subparsers.add_parser("cloud", help="the Doorstep cloud service (§6) and its admin")
+    cloud.set_defaults(func=lambda _args: _usage(cloud))
+    sub = cloud.add_subparsers(dest="cloud_command", metavar="COMMAND")
+
+    def db_option(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--db",
+            default=None,
+            metavar="URL",
+            help=f"sqlite:///PATH or postgresql://… (default: ${ENV_DB} or "
+            f"{default_database_url({})})",
+        )
+
+    def kek_option(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--kek-file",
+            default=None,
+            metavar="FILE",
+            help=f"key-encryption key file (default: ${ENV_KEK_FILE}, or $DOORSTEP_KEK)",
+        )
+
+    serve = sub.add_parser("serve", help="serve the HTTP API with uvicorn")
+    db_option(serve)
+    kek_option(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--log-level", default="warning")
+    serve.set_defaults(func=cmd_serve)
+
+    migrate = sub.add_parser("migrate", help="create or upgrade the database schema")
+    db_option(migrate)
+    migrate.set_defaults(func=cmd_migrate)
+
+    factory = sub.add_parser("factory", help="factory records (§7)")
+    factory.set_defaults(func=lambda _args: _usage(factory))
+    factory_sub = factory.add_subparsers(dest="factory_command", metavar="COMMAND")
+    new = factory_sub.add_parser("new", help="make and register new devices")
+    db_option(new)
+    kek_option(new)
+    new.add_argument("--count", type=int, required=True)
+    new.add_argument("--out", type=Path, required=True, help="directory for the JSON files")
+    new.add_argument("--model", default="Doorstep Lock D1")
+    new.set_defaults(func=cmd_factory_new)
+
+    user = sub.add_parser("user", help="user accounts")
+    user.set_defaults(func=lambda _args: _usage(user))
+    user_sub = user.add_subparsers(dest="user_command", metavar="COMMAND")
+    user_add = user_sub.add_parser("add", help="add a user and print its bearer token once")
+    db_option(user_add)
+    user_add.add_argument("name")
+    user_add.set_defaults(func=cmd_user_add)
+
+    devices = sub.add_parser("devices", help="list registered devices")
+    db_option(devices)
+    devices.add_argument("--json", action="store_true", help="one JSON array")
+    devices.add_argument("--limit", type=int, default=1000)
+    devices.set_defaults(func=cmd_devices)
+
+    kek = sub.add_parser("kek", help="key-encryption key")
+    kek.set_defaults(func=lambda _args: _usage(kek))
+    kek_sub = kek.add_subparsers(dest="kek_command", metavar="COMMAND")
+    kek_new = kek_sub.add_parser("new", help="write a new KEK file (mode 0600)")
+    kek_new.add_argument("--out", type=Path, required=True)
+    kek_new.set_defaults(func=cmd_kek_new)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _fail(message: str) -> int:
+    print(f"doorstep cloud: {message}", file=sys.stderr)
+    return 1
+
+
+def _db(args: argparse.Namespace) -> str:
+    return str(args.db or default_database_url())
+
+
+def _run(coro: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(coro())  # type: ignore[arg-type]
+
+
+def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except ConfigurationError as exc:
+            return _fail(f"{exc} [{exc.code}]")
+        except OSError as exc:
+            return _fail(str(exc))
+
+    wrapper.__doc__ = func.__doc__
+    return wrapper
+
+
+@_guarded
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from cloud.app import create_app, settings_from_env
+
+    url = _db(args)
+    if args.kek_file:
+        os.environ[ENV_KEK_FILE] = args.kek_file
+    load_kek()  # fail early and clearly (kek_missing)
+    os.environ[ENV_DB] = url
+    if args.workers > 1:
+        print(
+            f"serving {args.workers} workers on http://{args.host}:{args.port} …", file=sys.stderr
+        )
+        uvicorn.run(
+            "cloud.app:app_from_env",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level=args.log_level,
+        )
+        return 0
+    settings = settings_from_env()
+    app = create_app(settings)
+    print(f"serving on http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+@_guarded
+def cmd_migrate(args: argparse.Namespace) -> int:
+    async def run() -> list[int]:
+        registry = await open_registry(_db(args), migrate=False)
+        try:
+            return await registry.migrate()
+        finally:
+            await registry.close()
+
+    applied = _run(run)
+    print(f"applied migrations {applied}" if applied else "schema is up to date")
+    return 0
+
+
+async def register_factory_records(
+    registry: Registry,
+    kek: KeyEncryptionKey,
+    records: list[FactoryRecord],
+) -> None:
+    """Register a batch of factory records (one transaction)."""
+    rows = [
+        (r.dev_id, r.mac, r.model, kek.wrap(PURPOSE_K_INIT, r.dev_id, r.k_init)) for r in records
+    ]
+    async with registry.transaction() as tx:
+        await tx.register_devices(rows, int(time.time()))
+
+
+def new_factory_record(model: str, rng: Callable[[int], bytes] = os.urandom) -> FactoryRecord:
+    """A fresh §7 record: random dev_id, a locally administered unicast MAC, K_init."""
+    mac = bytearray(rng(6))
+    mac[0] = (mac[0] | 0x02) & 0xFE
+    return FactoryRecord(rng(16), bytes(mac), rng(32), model)
+
+
+_RECORD_DRAW = 16 + 6 + 32
+
+
+def _slicer(pool: memoryview) -> Callable[[int], bytes]:
+    offset = 0
+
+    def read(n: int) -> bytes:
+        nonlocal offset
+        chunk = bytes(pool[offset : offset + n])
+        offset += n
+        return chunk
+
+    return read
+
+
+@_guarded
+def cmd_factory_new(args: argparse.Namespace) -> int:
+    if args.count < 1:
+        return _fail("--count must be at least 1")
+    if not 1 <= len(args.model.encode("utf-8")) <= 32:
+        return _fail("--model must be 1–32 bytes of UTF-8")
+    kek = KeyEncryptionKey(load_kek(args.kek_file))
+    from cloud.app import cloud_entropy
+
+    entropy = cloud_entropy()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    async def run() -> None:
+        registry = await open_registry(_db(args))
+        started = time.monotonic()
+        done = 0
+        try:
+            while done < args.count:
+                size = min(FACTORY_BATCH, args.count - done)
+                # One draw per batch: the source is health-tested per read, so
+                # many small reads are slow; slicing one large draw is equivalent.
+                pool = memoryview(entropy.read(size * _RECORD_DRAW))
+                batch = [
+                    new_factory_record(args.model, _slicer(pool[i * _RECORD_DRAW :]))
+                    for i in range(size)
+                ]
+                for record in batch:
+                    path = out / f"{record.dev_id.hex()}.json"
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                        handle.write(record.dumps())
+                await register_factory_records(registry, kek, batch)
+                done += len(batch)
+                rate = done / max(time.monotonic() - started, 1e-6)
+                print(
+                    f"\r{done}/{args.count} devices registered ({rate:,.0f}/s)",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        finally:
+            await registry.close()
+        print(file=sys.stderr)
+
+    _run(run)
+    print(f"wrote {args.count} factory records to {out}")
+    return 0
+
+
+@_guarded
+def cmd_user_add(args: argparse.Namespace) -> int:
+    name = args.name.strip()
+    if not name or len(name) > 64:
+        return _fail("the user name must be 1–64 characters")
+    token = b64url_encode(os.urandom(32))
+
+    async def run() -> int | None:
+        registry = await open_registry(_db(args))
+        try:
+            async with registry.transaction() as tx:
+                if await tx.user_by_name(name) is not None:
+                    return None
+                return await tx.add_user(name, hash_token(token), int(time.time()))
+        finally:
+            await registry.close()
+
+    user_id = _run(run)
+    if user_id is None:
+        return _fail(f"a user named {name!r} already exists")
+    print(f"user {name!r} added (id {user_id}); bearer token (shown once, keep it safe):")
+    print(token)
+    return 0
+
+
+@_guarded
+def cmd_devices(args: argparse.Namespace) -> int:
+    async def run() -> tuple[list[dict[str, Any]], int]:
+        registry = await open_registry(_db(args))
+        try:
+            async with registry.transaction() as tx:
+                devices = await tx.all_devices(args.limit)
+                names = await tx.user_names()
+                total = await tx.count_devices()
+        finally:
+            await registry.close()
+        rows = []
+        for device in devices:
+            view = BindService.device_view(device)
+            view["owner"] = names.get(device.owner_id) if device.owner_id is not None else None
+            view["state"] = view["state"] if device.owner_id is not None else "unbound"
+            rows.append(view)
+        return rows, total
+
+    rows, total = _run(run)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    columns = ("dev_id", "model", "owner", "state", "epoch", "identifier", "last_checkin")
+    table = [[("" if row[c] is None else str(row[c])) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in table]) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in table:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+    if total > len(rows):
+        print(f"… {total - len(rows)} more (use --limit)")
+    return 0
+
+
+@_guarded
+def cmd_kek_new(args: argparse.Namespace) -> int:
+    try:
+        write_new_kek(args.out)
+    except FileExistsError:
+        return _fail(f"{args.out} exists; refusing to overwrite a key")
+    print(f"wrote a new KEK to {args.out} (mode 0600); set {ENV_KEK_FILE}={args.out}")
+    return 0

@@ -1,0 +1,658 @@
+"""The bind service: PROTOCOL.md §6.1–§6.5 as domain operations, free of HTTP.
+
+:class:`BindService` answers bind/start, bind/complete, check-in and the owner
+views for authenticated principals. It draws every random value (attempt id,
+R, seal nonce, identifier, K_dev, W nonce — in that order) from the injected
+entropy source and reads time from the injected clock, so the vector's answer
+reproduces exactly.
+
+Decisions where §6 leaves room (also in ``docs``):
+
+* Checks at bind/start run in the order of §5.1 step 3: decode, commitment,
+  rate limits (per user, per dev_id, per client address), then the device
+  checks. All device checks run, with the same work for an unknown device (a
+  dummy K_init unwrap and tag verification), and every failure gives the one
+  :class:`~cloud.errors.DeviceRefused` answer.
+* Epochs are issued at bind/start: each attempt takes the device's next epoch.
+* bind/complete makes the principal's user the owner and records the identity
+  as *pending*; the device's check-in (signed with that pending K_dev) makes it
+  *active* and retires the older identities. A check-in that arrives first
+  also completes the bind. Both are accepted for 7 days after bind/start
+  (then 410 ``attempt_expired``); repeating either with the same Ack returns
+  the same answer.
+* When the owner changes, the previous owner's identities are retired at once.
+* Unbind (owner only) clears the owner, retires every identity and supersedes
+  pending attempts. An unbound device is owned by nobody, so §6.1's rule
+  ("owned by someone else … only after its reset_ctr rose") no longer applies:
+  the next user still needs the device's pairing window (physical access), but
+  not a factory reset. A device that was never unbound keeps its owner and
+  needs a reset for anyone else.
+* A bind whose epoch is below the device's active or pending epoch, or whose
+  device was meanwhile bound by someone else, is 409 ``attempt_superseded``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cloud.errors import (
+    AckRefused,
+    AttemptExpired,
+    AttemptSuperseded,
+    BadRequest,
+    CloudProblem,
+    DeviceRefused,
+    HubUnowned,
+    NotFound,
+    RateLimited,
+    ServiceUnavailable,
+    Unauthorized,
+    problem_from_ds1,
+)
+from cloud.keys import (
+    PURPOSE_ANSWER,
+    PURPOSE_K_DEV,
+    PURPOSE_K_INIT,
+    KeyEncryptionKey,
+    SecretBytes,
+    UnwrapError,
+)
+from cloud.settings import EntropySourceLike, Settings
+from cloud.store.registry import (
+    AttemptRecord,
+    DeviceRecord,
+    IdentityRecord,
+    Registry,
+    RegistryTransaction,
+)
+from protocol.cloudside import (
+    Identity,
+    build_seal,
+    build_wrapped_identity,
+    check_commitment,
+    parse_challenge,
+    transcript_hash,
+    verify_ack,
+    verify_challenge_tag,
+)
+from protocol.encoding import b64url_decode, b64url_encode, cbor_encode, hex_decode
+from protocol.errors import AuthenticationError, DS1Error, SignatureError
+from protocol.signature import parse_authorization, verify_request
+
+log = logging.getLogger("doorstep.cloud")
+
+Clock = Callable[[], float]
+
+_DUMMY_DEV_ID = b"\x00" * 16
+_BIND_DRAW = 16 + 32 + 12 + 16 + 32 + 12
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a user, or a hub acting for its owning user (§6.2)."""
+
+    name: str  # "user:<id>" or "hub:<identifier hex>"
+    user_id: int
+
+
+@dataclass(frozen=True)
+class DeviceCaller:
+    """A device authenticated by a §6.3 signature with one of its identities."""
+
+    identifier: bytes
+    k_dev: SecretBytes
+
+
+@dataclass(frozen=True)
+class BindStartInput:
+    """The four §6.1 fields as sent (base64url text)."""
+
+    m1: str
+    m2: str
+    commissioner_pub: str
+    commissioner_nonce: str
+
+
+def hash_token(token: str) -> bytes:
+    """Bearer tokens are 32 random bytes: SHA-256 is enough at rest."""
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def _decode(text: str, size: int | None, what: str) -> bytes:
+    try:
+        raw = b64url_decode(text)
+    except DS1Error as exc:
+        raise BadRequest(f"{what} is not base64url without padding", code=exc.code) from None
+    if size is not None and len(raw) != size:
+        raise BadRequest(f"{what} must be {size} bytes", code="wrong_size")
+    return raw
+
+
+def _json(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+class BindService:
+    """§6 for many homes at once, over one :class:`Registry`."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        kek: KeyEncryptionKey,
+        settings: Settings,
+        entropy: EntropySourceLike,
+        clock: Clock,
+    ) -> None:
+        self.registry = registry
+        self.kek = kek
+        self.settings = settings
+        self.entropy = entropy
+        self.clock = clock
+        # Same-cost stand-ins for an unknown device (timing, §6).
+        self._dummy_k_init_wrapped = kek.wrap(PURPOSE_K_INIT, _DUMMY_DEV_ID, b"\x5a" * 32)
+
+    def now(self) -> int:
+        return int(self.clock())
+
+    def _draw(self, n: int) -> bytes:
+        try:
+            data = self.entropy.read(n)
+        except DS1Error as exc:
+            raise ServiceUnavailable("entropy source unavailable", code=exc.code) from None
+        except Exception:
+            raise ServiceUnavailable(
+                "entropy source unavailable", code="entropy_unavailable"
+            ) from None
+        if len(data) != n:
+            raise ServiceUnavailable("entropy source unavailable", code="entropy_unavailable")
+        return data
+
+    # -- authentication -----------------------------------------------------------------
+
+    async def authenticate_user(self, token: str) -> Principal:
+        async with self.registry.transaction() as tx:
+            user = await tx.user_by_token_hash(hash_token(token))
+        if user is None:
+            raise Unauthorized("unknown bearer token", code="unauthorized")
+        return Principal(f"user:{user.user_id}", user.user_id)
+
+    async def _verify_signature(
+        self, tx: RegistryTransaction, header: str, method: str, path: str, body: bytes
+    ) -> tuple[IdentityRecord, SecretBytes]:
+        try:
+            auth = parse_authorization(header)
+        except SignatureError as exc:
+            raise problem_from_ds1(exc) from None
+        identity = await tx.identity(auth.identifier)
+        if identity is None or identity.state == "retired":
+            raise Unauthorized("unknown or retired identifier", code="bad_signature")
+        k_dev = self._unwrap(PURPOSE_K_DEV, identity.identifier, identity.k_dev_wrapped)
+        now = self.clock()
+        try:
+            verify_request(
+                auth, k_dev, method, path, body, now=now, max_skew=self.settings.max_skew_s
+            )
+        except SignatureError as exc:
+            raise problem_from_ds1(exc) from None
+        keep_until = int(max(now, auth.ts)) + self.settings.max_skew_s + 1
+        if not await tx.use_nonce(auth.identifier, auth.nonce, keep_until):
+            raise Unauthorized("signature nonce already used", code="nonce_reused")
+        return identity, SecretBytes(k_dev)
+
+    async def authenticate_hub(self, header: str, method: str, path: str, body: bytes) -> Principal:
+        """A hub: an active identity of a device that has an owner (§6.2)."""
+        async with self.registry.transaction() as tx:
+            identity, _ = await self._verify_signature(tx, header, method, path, body)
+            device = await tx.device(identity.dev_id)
+        if identity.state != "active" or device is None:
+            raise Unauthorized("hubs sign with their active identity", code="bad_signature")
+        if device.owner_id is None:
+            raise HubUnowned("this hub has no owner; bind it first")
+        return Principal(f"hub:{identity.identifier.hex()}", device.owner_id)
+
+    async def authenticate_device(
+        self, header: str, method: str, path: str, body: bytes
+    ) -> DeviceCaller:
+        async with self.registry.transaction() as tx:
+            identity, k_dev = await self._verify_signature(tx, header, method, path, body)
+        return DeviceCaller(identity.identifier, k_dev)
+
+    def _unwrap(self, purpose: bytes, owner: bytes, wrapped: bytes) -> bytes:
+        try:
+            return self.kek.unwrap(purpose, owner, wrapped)
+        except UnwrapError:
+            log.error("a wrapped %s did not open: wrong KEK or tampered row", purpose.decode())
+            raise ServiceUnavailable(
+                "stored key material does not open", code="storage_unavailable"
+            ) from None
+
+    # -- §6.1 bind/start ------------------------------------------------------------------
+
+    async def bind_start(
+        self, principal: Principal, request: BindStartInput, client_address: str
+    ) -> bytes:
+        """The 201 body (exact JSON bytes) for a bind/start request."""
+        # 1. decode
+        m1 = _decode(request.m1, None, "m1")
+        m2 = _decode(request.m2, None, "m2")
+        commissioner_pub = _decode(request.commissioner_pub, 32, "commissioner_pub")
+        commissioner_nonce = _decode(request.commissioner_nonce, 16, "commissioner_nonce")
+        try:
+            challenge = parse_challenge(m2)
+            # 2. commitment
+            check_commitment(m1, commissioner_pub, commissioner_nonce)
+        except DS1Error as exc:
+            raise problem_from_ds1(exc) from None
+        now = self.now()
+        # 3. rate limits
+        await self._rate_limit(principal, challenge.dev_id, client_address, now)
+        request_hash = hashlib.sha256(
+            "\n".join(
+                (
+                    principal.name,
+                    request.m1,
+                    request.m2,
+                    request.commissioner_pub,
+                    request.commissioner_nonce,
+                )
+            ).encode("utf-8")
+        ).digest()
+        # 4. device checks, then the attempt, in one transaction
+        answer: bytes | None = None
+        async with self.registry.transaction() as tx:
+            device = await tx.device(challenge.dev_id, lock=True)
+            accepted = self._device_challenge_ok(device, m1, m2, challenge)
+            previous = await tx.replay(challenge.dev_id, challenge.n_d)
+            if previous is not None:
+                answer = await self._identical_retry(tx, previous, principal, request_hash, now)
+                accepted = accepted and answer is not None
+            elif device is not None and device.owner_id not in (None, principal.user_id):
+                bound_ctr = device.bound_reset_ctr if device.bound_reset_ctr is not None else -1
+                accepted = accepted and challenge.reset_ctr > bound_ctr
+            if not accepted or device is None:
+                await tx.audit(
+                    "refused",
+                    now,
+                    dev_id=challenge.dev_id,
+                    user_id=principal.user_id,
+                    principal=principal.name,
+                    detail="bind/start",
+                )
+            elif answer is None:
+                answer = await self._new_attempt(
+                    tx,
+                    device,
+                    principal,
+                    request_hash,
+                    m1,
+                    m2,
+                    challenge,
+                    commissioner_pub,
+                    commissioner_nonce,
+                    now,
+                )
+        if answer is None:
+            raise DeviceRefused()
+        return answer
+
+    def _device_challenge_ok(
+        self, device: DeviceRecord | None, m1: bytes, m2: bytes, challenge: Any
+    ) -> bool:
+        """Tag and registry checks; an unknown device costs the same work."""
+        if device is None:
+            k_init = self.kek.unwrap(PURPOSE_K_INIT, _DUMMY_DEV_ID, self._dummy_k_init_wrapped)
+        else:
+            k_init = self._unwrap(PURPOSE_K_INIT, device.dev_id, device.k_init_wrapped)
+        try:
+            verify_challenge_tag(k_init, m1, m2)
+            tag_ok = True
+        except AuthenticationError:
+            tag_ok = False
+        if device is None:
+            return False
+        return (
+            tag_ok
+            & (challenge.mac == device.mac)
+            & (challenge.model == device.model)
+            & (challenge.reset_ctr >= device.max_reset_ctr)
+        )
+
+    async def _identical_retry(
+        self,
+        tx: RegistryTransaction,
+        attempt_id: bytes,
+        principal: Principal,
+        request_hash: bytes,
+        now: int,
+    ) -> bytes | None:
+        """The first 201 for an identical request before ``expires_in``, else None."""
+        attempt = await tx.attempt(attempt_id)
+        if attempt is None or attempt.principal != principal.name or now >= attempt.expires_at:
+            return None
+        if not SecretBytes(attempt.request_hash).equals(request_hash):
+            return None
+        return self._unwrap(PURPOSE_ANSWER, attempt.attempt_id, attempt.answer_wrapped)
+
+    async def _new_attempt(
+        self,
+        tx: RegistryTransaction,
+        device: DeviceRecord,
+        principal: Principal,
+        request_hash: bytes,
+        m1: bytes,
+        m2: bytes,
+        challenge: Any,
+        commissioner_pub: bytes,
+        commissioner_nonce: bytes,
+        now: int,
+    ) -> bytes:
+        k_init = self._unwrap(PURPOSE_K_INIT, device.dev_id, device.k_init_wrapped)
+        # One read, sliced in the order attempt id, R, seal nonce, identifier,
+        # K_dev, W nonce: each read of the health-tested source has a fixed cost.
+        draw = self._draw(_BIND_DRAW)
+        attempt_id, session_secret, seal_nonce = draw[:16], draw[16:48], draw[48:60]
+        identifier, k_dev, w_nonce = draw[60:76], draw[76:108], draw[108:120]
+        epoch = await tx.note_bind_start(device.dev_id, challenge.reset_ctr)
+        ticket = cbor_encode(
+            {
+                1: attempt_id,
+                2: principal.name,
+                3: now,
+                4: self.settings.ticket_validity_s,
+                5: 0,
+            }
+        )
+        th = transcript_hash(m1, m2, commissioner_pub, commissioner_nonce, ticket)
+        seal = build_seal(k_init, th, challenge.n_d, session_secret, seal_nonce)
+        wrapped_identity = build_wrapped_identity(
+            k_init, th, Identity(identifier, k_dev, epoch), w_nonce
+        )
+        answer = _json(
+            {
+                "attempt": b64url_encode(attempt_id),
+                "ticket": b64url_encode(ticket),
+                "seal": b64url_encode(seal),
+                "session_secret": b64url_encode(session_secret),
+                "wrapped_identity": b64url_encode(wrapped_identity),
+                "device": {"dev_id": device.dev_id.hex(), "model": device.model},
+                "expires_in": self.settings.attempt_validity_s,
+            }
+        )
+        await tx.insert_attempt(
+            AttemptRecord(
+                attempt_id=attempt_id,
+                dev_id=device.dev_id,
+                principal=principal.name,
+                user_id=principal.user_id,
+                request_hash=request_hash,
+                th=th,
+                identifier=identifier,
+                epoch=epoch,
+                reset_ctr=challenge.reset_ctr,
+                answer_wrapped=self.kek.wrap(PURPOSE_ANSWER, attempt_id, answer),
+                created_at=now,
+                expires_at=now + self.settings.attempt_validity_s,
+                state="pending",
+                ack=None,
+                completed_at=None,
+            )
+        )
+        await tx.insert_identity(
+            IdentityRecord(
+                identifier=identifier,
+                dev_id=device.dev_id,
+                epoch=epoch,
+                k_dev_wrapped=self.kek.wrap(PURPOSE_K_DEV, identifier, k_dev),
+                state="pending",
+                attempt_id=attempt_id,
+                issued_at=now,
+                activated_at=None,
+            )
+        )
+        keep_until = now + self.settings.attempt_validity_s + self.settings.replay_margin_s + 60
+        await tx.record_replay(device.dev_id, challenge.n_d, attempt_id, keep_until)
+        return answer
+
+    async def _rate_limit(
+        self, principal: Principal, dev_id: bytes, client_address: str, now: int
+    ) -> None:
+        window = self.settings.rate_window_s
+        start = now - now % window
+        checks = (
+            (f"user:{principal.user_id}", self.settings.rate_per_user, "user"),
+            (f"dev:{dev_id.hex()}", self.settings.rate_per_device, "device"),
+            (f"addr:{client_address}", self.settings.rate_per_address, "client address"),
+        )
+        exceeded: str | None = None
+        async with self.registry.transaction() as tx:
+            for bucket, limit, scope in checks:
+                if await tx.hit(bucket, start) > limit and exceeded is None:
+                    exceeded = scope
+        if exceeded is not None:
+            raise RateLimited(start + window - now, exceeded)
+
+    # -- §6.2 bind/complete and §6.4 check-in ----------------------------------------------
+
+    async def bind_complete(self, principal: Principal, attempt_text: str, ack_text: str) -> bytes:
+        attempt_id = _decode(attempt_text, 16, "attempt")
+        ack = _decode(ack_text, 32, "ack")
+        now = self.now()
+        async with self.registry.transaction() as tx:
+            attempt = await tx.attempt(attempt_id)
+            if attempt is None or attempt.user_id != principal.user_id:
+                raise NotFound("no such attempt", code="unknown_attempt")
+            device = await tx.device(attempt.dev_id, lock=True)
+            attempt = await tx.attempt(attempt_id)  # re-read under the device lock
+            assert device is not None and attempt is not None
+            body = await self._complete(tx, device, attempt, ack, now, via="bind_complete")
+        return body
+
+    async def checkin(self, caller: DeviceCaller, ack_text: str) -> bytes:
+        ack = _decode(ack_text, 32, "ack")
+        now = self.now()
+        async with self.registry.transaction() as tx:
+            identity = await tx.identity(caller.identifier)
+            if identity is None:
+                raise Unauthorized("unknown identifier", code="bad_signature")
+            device = await tx.device(identity.dev_id, lock=True)
+            identity = await tx.identity(caller.identifier)
+            if identity is None or identity.state == "retired" or device is None:
+                raise Unauthorized("identifier retired", code="bad_signature")
+            attempt = await tx.attempt(identity.attempt_id)
+            if attempt is None:
+                raise AttemptExpired("the bind of this identity is no longer known")
+            body = await self._complete(tx, device, attempt, ack, now, via="checkin")
+            device = await tx.device(identity.dev_id)
+            assert device is not None
+            await self._activate(tx, device, identity, now)
+        return body
+
+    async def _complete(
+        self,
+        tx: RegistryTransaction,
+        device: DeviceRecord,
+        attempt: AttemptRecord,
+        ack: bytes,
+        now: int,
+        *,
+        via: str,
+    ) -> bytes:
+        body = _json(
+            {
+                "dev_id": attempt.dev_id.hex(),
+                "identifier": attempt.identifier.hex(),
+                "epoch": attempt.epoch,
+            }
+        )
+        if now > attempt.created_at + self.settings.completion_window_s:
+            raise AttemptExpired("the attempt is older than the completion window")
+        if attempt.state == "bound":
+            if attempt.ack is None or not SecretBytes(attempt.ack).equals(ack):
+                raise AckRefused("a different ack was already accepted for this attempt")
+            return body
+        if attempt.state == "superseded":
+            raise AttemptSuperseded("a later bind of this device replaced this attempt")
+        identity = await tx.identity(attempt.identifier)
+        if identity is None:
+            raise AttemptExpired("the identity of this attempt is no longer known")
+        k_dev = self._unwrap(PURPOSE_K_DEV, identity.identifier, identity.k_dev_wrapped)
+        try:
+            verify_ack(
+                k_dev,
+                attempt.dev_id,
+                Identity(attempt.identifier, k_dev, attempt.epoch),
+                attempt.th,
+                ack,
+            )
+        except AuthenticationError:
+            raise AckRefused("the ack does not verify") from None
+        newest = max(device.active_epoch or 0, device.pending_epoch or 0)
+        bound_ctr = device.bound_reset_ctr if device.bound_reset_ctr is not None else -1
+        taken = device.owner_id not in (None, attempt.user_id) and attempt.reset_ctr <= bound_ctr
+        if newest > attempt.epoch or taken:
+            raise AttemptSuperseded("a later bind of this device replaced this attempt")
+        owner_changed = device.owner_id != attempt.user_id
+        if owner_changed:
+            await tx.retire_identities(device.dev_id, below_epoch=attempt.epoch)
+        await tx.mark_attempt_bound(attempt.attempt_id, ack, now)
+        await tx.supersede_attempts(device.dev_id, below_epoch=attempt.epoch)
+        active = (
+            None
+            if owner_changed or device.active_identifier is None
+            else (device.active_identifier, device.active_epoch or 0)
+        )
+        await tx.set_binding(
+            device.dev_id,
+            owner_id=attempt.user_id,
+            bound_reset_ctr=attempt.reset_ctr,
+            bound_at=now,
+            active=active,
+            pending=(attempt.identifier, attempt.epoch),
+            last_checkin=device.last_checkin,
+        )
+        await tx.audit(
+            "bind",
+            now,
+            dev_id=device.dev_id,
+            identifier=attempt.identifier,
+            user_id=attempt.user_id,
+            principal=attempt.principal,
+            detail=f"via {via}, epoch {attempt.epoch}",
+        )
+        return body
+
+    async def _activate(
+        self, tx: RegistryTransaction, device: DeviceRecord, identity: IdentityRecord, now: int
+    ) -> None:
+        """Check-in: the identity becomes active, older ones are retired (§6.4)."""
+        if identity.state == "pending":
+            await tx.activate_identity(identity.identifier, now)
+            await tx.retire_identities(device.dev_id, below_epoch=identity.epoch)
+        pending = (
+            (device.pending_identifier, device.pending_epoch or 0)
+            if device.pending_identifier is not None
+            and device.pending_identifier != identity.identifier
+            and (device.pending_epoch or 0) > identity.epoch
+            else None
+        )
+        await tx.set_binding(
+            device.dev_id,
+            owner_id=device.owner_id,
+            bound_reset_ctr=device.bound_reset_ctr,
+            bound_at=device.bound_at,
+            active=(identity.identifier, identity.epoch),
+            pending=pending,
+            last_checkin=now,
+        )
+        await tx.audit(
+            "checkin",
+            now,
+            dev_id=device.dev_id,
+            identifier=identity.identifier,
+            user_id=device.owner_id,
+            detail=f"epoch {identity.epoch}",
+        )
+
+    # -- §6.5 owner views -------------------------------------------------------------------
+
+    @staticmethod
+    def device_view(device: DeviceRecord) -> dict[str, Any]:
+        """What an owner sees: never keys."""
+        if device.pending_identifier is not None:
+            identifier, epoch, state = device.pending_identifier, device.pending_epoch, "pending"
+        else:
+            identifier, epoch, state = device.active_identifier, device.active_epoch, "active"
+        return {
+            "identifier": identifier.hex() if identifier else None,
+            "dev_id": device.dev_id.hex(),
+            "model": device.model,
+            "epoch": epoch,
+            "state": state,
+            "bound_at": device.bound_at,
+            "last_checkin": device.last_checkin,
+        }
+
+    async def devices(self, principal: Principal) -> list[dict[str, Any]]:
+        async with self.registry.transaction() as tx:
+            devices = await tx.devices_of(principal.user_id)
+        return [self.device_view(device) for device in devices]
+
+    async def _owned_device(
+        self, tx: RegistryTransaction, principal: Principal, identifier_hex: str
+    ) -> DeviceRecord:
+        try:
+            identifier = hex_decode(identifier_hex, 16)
+        except DS1Error as exc:
+            raise BadRequest("identifier must be 32 lowercase hex digits", code=exc.code) from None
+        identity = await tx.identity(identifier)
+        device = None if identity is None else await tx.device(identity.dev_id, lock=True)
+        if (
+            device is None
+            or device.owner_id != principal.user_id
+            or identifier not in (device.active_identifier, device.pending_identifier)
+        ):
+            raise NotFound("no such device among yours", code="unknown_device")
+        return device
+
+    async def device(self, principal: Principal, identifier_hex: str) -> dict[str, Any]:
+        async with self.registry.transaction() as tx:
+            device = await self._owned_device(tx, principal, identifier_hex)
+        return self.device_view(device)
+
+    async def unbind(self, principal: Principal, identifier_hex: str) -> None:
+        now = self.now()
+        async with self.registry.transaction() as tx:
+            device = await self._owned_device(tx, principal, identifier_hex)
+            await tx.retire_identities(device.dev_id, below_epoch=None)
+            await tx.supersede_attempts(device.dev_id, below_epoch=None)
+            await tx.set_binding(
+                device.dev_id,
+                owner_id=None,
+                bound_reset_ctr=device.bound_reset_ctr,
+                bound_at=None,
+                active=None,
+                pending=None,
+                last_checkin=None,
+            )
+            await tx.audit(
+                "unbind",
+                now,
+                dev_id=device.dev_id,
+                user_id=principal.user_id,
+                principal=principal.name,
+            )
+
+
+__all__ = [
+    "BindService",
+    "BindStartInput",
+    "CloudProblem",
+    "DeviceCaller",
+    "Principal",
+    "hash_token",
+]

@@ -1,0 +1,68 @@
+"""Cloud settings: limits and windows of §6, with sane defaults.
+
+Everything the service decides with a number lives here so tests and
+benchmarks can change it without touching the service.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+ENV_DB = "DOORSTEP_CLOUD_DB"
+
+
+class EntropySourceLike(Protocol):
+    """What the cloud needs from :class:`protocol.entropy.EntropySource`."""
+
+    def read(self, n: int) -> bytes: ...
+
+
+def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "doorstep"
+
+
+def default_database_url(env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    url = env.get(ENV_DB)
+    if url:
+        return url
+    return "sqlite:///" + str(default_data_dir(env) / "cloud.db")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Tunable numbers of the cloud. Defaults follow PROTOCOL.md §5–§6."""
+
+    database_url: str = "sqlite:///:memory:"
+    #: §6.1 ``expires_in``: the ticket's validity and the identical-retry window.
+    attempt_validity_s: int = 120
+    #: §6.1: (dev_id, N_D) is remembered for at least expires_in + this.
+    replay_margin_s: int = 300
+    #: §6.4: bind/complete and check-in are accepted this long after bind/start.
+    completion_window_s: int = 7 * 86400
+    #: §6.3 clock skew.
+    max_skew_s: int = 300
+    max_body_bytes: int = 16 * 1024
+    #: Fixed-window rate limits at bind/start, counted in the database.
+    rate_window_s: int = 60
+    rate_per_user: int = 120
+    rate_per_device: int = 30
+    rate_per_address: int = 600
+    #: How often the maintenance task prunes tables and checkpoints SQLite's WAL.
+    maintenance_interval_s: float = 10.0
+    auto_migrate: bool = True
+    #: Ticket validity written into the ticket (seconds).
+    ticket_validity_s: int = 120
+
+    def with_rate_limits(self, per_user: int, per_device: int, per_address: int) -> Settings:
+        from dataclasses import replace
+
+        return replace(
+            self, rate_per_user=per_user, rate_per_device=per_device, rate_per_address=per_address
+        )

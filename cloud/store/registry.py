@@ -1,0 +1,497 @@
+"""The Registry: every read and write the cloud makes, as domain operations.
+
+Callers open ``async with registry.transaction() as tx`` and call the
+:class:`RegistryTransaction` methods; everything in one block commits or rolls
+back together (a bind writes owner, identity and audit row in ONE transaction).
+Device rows are locked (``FOR UPDATE`` on PostgreSQL, the single writer on
+SQLite) before any decision about a device, so concurrent requests for one
+device are serialised on every backend.
+"""
+
+# SQL text is built only from the constant column lists below; values are always bound.
+# ruff: noqa: S608
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from cloud.store.database import Database, Row, Transaction, open_database
+from cloud.store.schema import LATEST_VERSION, MIGRATIONS
+
+
+@dataclass(frozen=True, repr=False)
+class DeviceRecord:
+    """A registered device (factory data plus binding state). K_init stays wrapped."""
+
+    dev_id: bytes
+    mac: bytes
+    model: str
+    k_init_wrapped: bytes
+    registered_at: int
+    max_reset_ctr: int
+    bound_reset_ctr: int | None
+    owner_id: int | None
+    last_epoch: int
+    active_identifier: bytes | None
+    active_epoch: int | None
+    pending_identifier: bytes | None
+    pending_epoch: int | None
+    bound_at: int | None
+    last_checkin: int | None
+
+    def __repr__(self) -> str:
+        return f"DeviceRecord(dev_id={self.dev_id.hex()}, owner={self.owner_id})"
+
+
+@dataclass(frozen=True, repr=False)
+class IdentityRecord:
+    identifier: bytes
+    dev_id: bytes
+    epoch: int
+    k_dev_wrapped: bytes
+    state: str  # pending | active | retired
+    attempt_id: bytes
+    issued_at: int
+    activated_at: int | None
+
+    def __repr__(self) -> str:
+        return f"IdentityRecord(identifier={self.identifier.hex()}, state={self.state})"
+
+
+@dataclass(frozen=True, repr=False)
+class AttemptRecord:
+    """A BindAttempt as stored: what bind/complete and check-in need later."""
+
+    attempt_id: bytes
+    dev_id: bytes
+    principal: str
+    user_id: int
+    request_hash: bytes
+    th: bytes
+    identifier: bytes
+    epoch: int
+    reset_ctr: int
+    answer_wrapped: bytes
+    created_at: int
+    expires_at: int
+    state: str  # pending | bound | superseded
+    ack: bytes | None
+    completed_at: int | None
+
+    def __repr__(self) -> str:
+        return f"AttemptRecord(dev_id={self.dev_id.hex()}, state={self.state})"
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    user_id: int
+    name: str
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    seq: int
+    at: int
+    event: str
+    dev_id: bytes | None
+    identifier: bytes | None
+    user_id: int | None
+    principal: str | None
+    detail: str
+
+
+def _b(value: Any) -> Any:
+    # asyncpg returns bytes for BYTEA already; SQLite returns bytes for BLOB.
+    return bytes(value) if isinstance(value, memoryview) else value
+
+
+def _record(cls: Any, row: Row) -> Any:
+    return cls(*(_b(row[i]) for i in range(len(row))))
+
+
+_DEVICE_COLUMNS = (
+    "dev_id, mac, model, k_init_wrapped, registered_at, max_reset_ctr, bound_reset_ctr, "
+    "owner_id, last_epoch, active_identifier, active_epoch, pending_identifier, "
+    "pending_epoch, bound_at, last_checkin"
+)
+_IDENTITY_COLUMNS = (
+    "identifier, dev_id, epoch, k_dev_wrapped, state, attempt_id, issued_at, activated_at"
+)
+_ATTEMPT_COLUMNS = (
+    "attempt_id, dev_id, principal, user_id, request_hash, th, identifier, epoch, reset_ctr, "
+    "answer_wrapped, created_at, expires_at, state, ack, completed_at"
+)
+
+
+class RegistryTransaction:
+    """Domain operations inside one database transaction."""
+
+    def __init__(self, tx: Transaction) -> None:
+        self._tx = tx
+
+    # -- devices --------------------------------------------------------------------
+
+    async def device(self, dev_id: bytes, *, lock: bool = False) -> DeviceRecord | None:
+        sql = f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE dev_id = $1"
+        row = await self._tx.fetchrow(sql + (" FOR UPDATE" if lock else ""), dev_id)
+        return None if row is None else _record(DeviceRecord, row)
+
+    async def register_devices(
+        self, rows: Iterable[tuple[bytes, bytes, str, bytes]], now: int
+    ) -> None:
+        """Insert factory records ``(dev_id, mac, model, k_init_wrapped)`` in one batch."""
+        await self._tx.executemany(
+            "INSERT INTO devices (dev_id, mac, model, k_init_wrapped, registered_at) "
+            "VALUES ($1, $2, $3, $4, $5)",
+            [(*row, now) for row in rows],
+        )
+
+    async def note_bind_start(self, dev_id: bytes, reset_ctr: int) -> int:
+        """Raise the highest reset_ctr seen and issue the next epoch; returns it."""
+        row = await self._tx.fetchrow(
+            "UPDATE devices SET last_epoch = last_epoch + 1, "
+            "max_reset_ctr = CASE WHEN max_reset_ctr > $2 THEN max_reset_ctr ELSE $2 END "
+            "WHERE dev_id = $1 RETURNING last_epoch",
+            dev_id,
+            reset_ctr,
+        )
+        assert row is not None
+        return int(row[0])
+
+    async def set_binding(
+        self,
+        dev_id: bytes,
+        *,
+        owner_id: int | None,
+        bound_reset_ctr: int | None,
+        bound_at: int | None,
+        active: tuple[bytes, int] | None,
+        pending: tuple[bytes, int] | None,
+        last_checkin: int | None,
+    ) -> None:
+        await self._tx.execute(
+            "UPDATE devices SET owner_id = $2, bound_reset_ctr = $3, bound_at = $4, "
+            "active_identifier = $5, active_epoch = $6, pending_identifier = $7, "
+            "pending_epoch = $8, last_checkin = $9 WHERE dev_id = $1",
+            dev_id,
+            owner_id,
+            bound_reset_ctr,
+            bound_at,
+            active[0] if active else None,
+            active[1] if active else None,
+            pending[0] if pending else None,
+            pending[1] if pending else None,
+            last_checkin,
+        )
+
+    async def devices_of(self, owner_id: int) -> list[DeviceRecord]:
+        rows = await self._tx.fetch(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE owner_id = $1 ORDER BY bound_at, dev_id",
+            owner_id,
+        )
+        return [_record(DeviceRecord, row) for row in rows]
+
+    async def all_devices(self, limit: int, offset: int = 0) -> list[DeviceRecord]:
+        rows = await self._tx.fetch(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY registered_at, dev_id "
+            "LIMIT $1 OFFSET $2",
+            limit,
+            offset,
+        )
+        return [_record(DeviceRecord, row) for row in rows]
+
+    async def count_devices(self) -> int:
+        row = await self._tx.fetchrow("SELECT COUNT(*) FROM devices")
+        return int(row[0]) if row else 0
+
+    # -- identities -----------------------------------------------------------------
+
+    async def identity(self, identifier: bytes) -> IdentityRecord | None:
+        row = await self._tx.fetchrow(
+            f"SELECT {_IDENTITY_COLUMNS} FROM identities WHERE identifier = $1", identifier
+        )
+        return None if row is None else _record(IdentityRecord, row)
+
+    async def insert_identity(self, identity: IdentityRecord) -> None:
+        await self._tx.execute(
+            f"INSERT INTO identities ({_IDENTITY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            identity.identifier,
+            identity.dev_id,
+            identity.epoch,
+            identity.k_dev_wrapped,
+            identity.state,
+            identity.attempt_id,
+            identity.issued_at,
+            identity.activated_at,
+        )
+
+    async def activate_identity(self, identifier: bytes, now: int) -> None:
+        await self._tx.execute(
+            "UPDATE identities SET state = 'active', activated_at = $2 WHERE identifier = $1",
+            identifier,
+            now,
+        )
+
+    async def retire_identities(self, dev_id: bytes, *, below_epoch: int | None) -> None:
+        """Retire the device's non-retired identities (all, or those under an epoch)."""
+        if below_epoch is None:
+            await self._tx.execute(
+                "UPDATE identities SET state = 'retired' WHERE dev_id = $1 AND state <> 'retired'",
+                dev_id,
+            )
+        else:
+            await self._tx.execute(
+                "UPDATE identities SET state = 'retired' "
+                "WHERE dev_id = $1 AND state <> 'retired' AND epoch < $2",
+                dev_id,
+                below_epoch,
+            )
+
+    # -- attempts and replays -------------------------------------------------------
+
+    async def attempt(self, attempt_id: bytes) -> AttemptRecord | None:
+        row = await self._tx.fetchrow(
+            f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE attempt_id = $1", attempt_id
+        )
+        return None if row is None else _record(AttemptRecord, row)
+
+    async def insert_attempt(self, attempt: AttemptRecord) -> None:
+        await self._tx.execute(
+            f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) VALUES "
+            "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+            attempt.attempt_id,
+            attempt.dev_id,
+            attempt.principal,
+            attempt.user_id,
+            attempt.request_hash,
+            attempt.th,
+            attempt.identifier,
+            attempt.epoch,
+            attempt.reset_ctr,
+            attempt.answer_wrapped,
+            attempt.created_at,
+            attempt.expires_at,
+            attempt.state,
+            attempt.ack,
+            attempt.completed_at,
+        )
+
+    async def mark_attempt_bound(self, attempt_id: bytes, ack: bytes, now: int) -> None:
+        await self._tx.execute(
+            "UPDATE attempts SET state = 'bound', ack = $2, completed_at = $3 "
+            "WHERE attempt_id = $1",
+            attempt_id,
+            ack,
+            now,
+        )
+
+    async def supersede_attempts(self, dev_id: bytes, *, below_epoch: int | None) -> None:
+        if below_epoch is None:
+            await self._tx.execute(
+                "UPDATE attempts SET state = 'superseded' WHERE dev_id = $1 AND state = 'pending'",
+                dev_id,
+            )
+        else:
+            await self._tx.execute(
+                "UPDATE attempts SET state = 'superseded' "
+                "WHERE dev_id = $1 AND state = 'pending' AND epoch < $2",
+                dev_id,
+                below_epoch,
+            )
+
+    async def replay(self, dev_id: bytes, n_d: bytes) -> bytes | None:
+        """The attempt id recorded for ``(dev_id, N_D)``, if any."""
+        row = await self._tx.fetchrow(
+            "SELECT attempt_id FROM replays WHERE dev_id = $1 AND n_d = $2", dev_id, n_d
+        )
+        return None if row is None else _b(row[0])
+
+    async def record_replay(
+        self, dev_id: bytes, n_d: bytes, attempt_id: bytes, keep_until: int
+    ) -> None:
+        await self._tx.execute(
+            "INSERT INTO replays (dev_id, n_d, attempt_id, keep_until) VALUES ($1, $2, $3, $4)",
+            dev_id,
+            n_d,
+            attempt_id,
+            keep_until,
+        )
+
+    # -- signatures, rate limits ------------------------------------------------------
+
+    async def use_nonce(self, identifier: bytes, nonce: bytes, keep_until: int) -> bool:
+        """Record a §6.3 nonce; False if it was already used."""
+        row = await self._tx.fetchrow(
+            "INSERT INTO sig_nonces (identifier, nonce, keep_until) VALUES ($1, $2, $3) "
+            "ON CONFLICT (identifier, nonce) DO NOTHING RETURNING keep_until",
+            identifier,
+            nonce,
+            keep_until,
+        )
+        return row is not None
+
+    async def hit(self, bucket: str, window_start: int) -> int:
+        """Count one request in a fixed window; returns the window's count."""
+        row = await self._tx.fetchrow(
+            "INSERT INTO rate_counters (bucket, window_start, hits) VALUES ($1, $2, 1) "
+            "ON CONFLICT (bucket, window_start) DO UPDATE SET hits = rate_counters.hits + 1 "
+            "RETURNING hits",
+            bucket,
+            window_start,
+        )
+        assert row is not None
+        return int(row[0])
+
+    # -- users ------------------------------------------------------------------------
+
+    async def add_user(self, name: str, token_hash: bytes, now: int) -> int:
+        row = await self._tx.fetchrow(
+            "INSERT INTO users (name, token_hash, created_at) VALUES ($1, $2, $3) "
+            "RETURNING user_id",
+            name,
+            token_hash,
+            now,
+        )
+        assert row is not None
+        return int(row[0])
+
+    async def user_by_token_hash(self, token_hash: bytes) -> UserRecord | None:
+        row = await self._tx.fetchrow(
+            "SELECT user_id, name FROM users WHERE token_hash = $1", token_hash
+        )
+        return None if row is None else UserRecord(int(row[0]), str(row[1]))
+
+    async def user_by_name(self, name: str) -> UserRecord | None:
+        row = await self._tx.fetchrow("SELECT user_id, name FROM users WHERE name = $1", name)
+        return None if row is None else UserRecord(int(row[0]), str(row[1]))
+
+    async def user_names(self) -> dict[int, str]:
+        rows = await self._tx.fetch("SELECT user_id, name FROM users")
+        return {int(row[0]): str(row[1]) for row in rows}
+
+    # -- audit --------------------------------------------------------------------------
+
+    async def audit(
+        self,
+        event: str,
+        now: int,
+        *,
+        dev_id: bytes | None = None,
+        identifier: bytes | None = None,
+        user_id: int | None = None,
+        principal: str | None = None,
+        detail: str = "",
+    ) -> None:
+        await self._tx.execute(
+            "INSERT INTO audit_log (at, event, dev_id, identifier, user_id, principal, detail) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            now,
+            event,
+            dev_id,
+            identifier,
+            user_id,
+            principal,
+            detail,
+        )
+
+    async def audit_entries(self, dev_id: bytes | None = None) -> list[AuditEntry]:
+        columns = "seq, at, event, dev_id, identifier, user_id, principal, detail"
+        if dev_id is None:
+            rows = await self._tx.fetch(f"SELECT {columns} FROM audit_log ORDER BY seq")
+        else:
+            rows = await self._tx.fetch(
+                f"SELECT {columns} FROM audit_log WHERE dev_id = $1 ORDER BY seq", dev_id
+            )
+        return [_record(AuditEntry, row) for row in rows]
+
+    # -- maintenance --------------------------------------------------------------------
+
+    async def prune(self, now: int, *, attempt_retention_s: int, rate_window_s: int) -> None:
+        """Drop expired nonces, replay records, rate windows and stale pending attempts."""
+        await self._tx.execute("DELETE FROM sig_nonces WHERE keep_until < $1", now)
+        await self._tx.execute("DELETE FROM replays WHERE keep_until < $1", now)
+        await self._tx.execute(
+            "DELETE FROM rate_counters WHERE window_start < $1", now - 2 * rate_window_s
+        )
+        cutoff = now - attempt_retention_s
+        await self._tx.execute(
+            "DELETE FROM identities WHERE state = 'pending' AND attempt_id IN "
+            "(SELECT attempt_id FROM attempts WHERE state <> 'bound' AND created_at < $1)",
+            cutoff,
+        )
+        await self._tx.execute(
+            "DELETE FROM attempts WHERE state <> 'bound' AND created_at < $1", cutoff
+        )
+
+
+class Registry:
+    """The storage interface of the cloud over one :class:`Database`."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    @property
+    def dialect(self) -> str:
+        return self.database.dialect
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[RegistryTransaction]:
+        async with self.database.transaction() as tx:
+            yield RegistryTransaction(tx)
+
+    async def schema_version(self) -> int:
+        async with self.database.transaction() as tx:
+            await _ensure_version_table(tx, self.dialect)
+            row = await tx.fetchrow("SELECT MAX(version) FROM schema_version")
+        return int(row[0]) if row is not None and row[0] is not None else 0
+
+    async def migrate(self) -> list[int]:
+        """Apply missing migrations; returns the versions applied. Safe to run concurrently."""
+        applied: list[int] = []
+        async with self.database.transaction() as tx:
+            if self.dialect == "postgresql":
+                # Serialise concurrent migrators (several server processes starting).
+                await tx.execute("SELECT pg_advisory_xact_lock(7461836)")
+            await _ensure_version_table(tx, self.dialect)
+            row = await tx.fetchrow("SELECT MAX(version) FROM schema_version")
+            current = int(row[0]) if row is not None and row[0] is not None else 0
+            for version, statements in MIGRATIONS:
+                if version <= current:
+                    continue
+                for statement in statements[self.dialect]:
+                    await tx.execute(statement)
+                await tx.execute(
+                    "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)",
+                    version,
+                    int(time.time()),
+                )
+                applied.append(version)
+        return applied
+
+    async def is_current(self) -> bool:
+        return await self.schema_version() == LATEST_VERSION
+
+    async def checkpoint(self) -> None:
+        await self.database.checkpoint()
+
+    async def close(self) -> None:
+        await self.database.close()
+
+
+async def _ensure_version_table(tx: Transaction, dialect: str) -> None:
+    bigint = "BIGINT" if dialect == "postgresql" else "INTEGER"
+    await tx.execute(
+        f"CREATE TABLE IF NOT EXISTS schema_version (version {bigint} PRIMARY KEY, "
+        f"applied_at {bigint} NOT NULL)"
+    )
+
+
+async def open_registry(url: str, *, migrate: bool = True) -> Registry:
+    registry = Registry(await open_database(url))
+    if migrate:
+        await registry.migrate()
+    return registry

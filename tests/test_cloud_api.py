@@ -1,0 +1,462 @@
+"""The cloud's §6 endpoints in-process (httpx.ASGITransport), on SQLite and PostgreSQL.
+
+The commissioner and the device are the protocol core's own state machines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from cloud.client import CloudClient, CloudError, HubSigner
+from cloud.settings import Settings
+from cloud_helpers import (
+    PG_DSN,
+    PG_SKIP_REASON,
+    TEST_KEK,
+    VECTORS,
+    Cloud,
+    CountingEntropy,
+    SimDevice,
+    add_user,
+    bearer,
+    finish_session,
+    in_process_cloud,
+    new_factory_record,
+    onboard,
+    pg_url,
+    register,
+    start_session,
+)
+from protocol.encoding import b64url_decode, b64url_encode
+from protocol.factory import FactoryRecord
+
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not PG_DSN, reason=PG_SKIP_REASON))]
+
+
+def backend_url(backend: str, tmp_path: object) -> str:
+    return "sqlite:///:memory:" if backend == "sqlite" else pg_url()
+
+
+@pytest.fixture(params=BACKENDS)
+async def cloud(request: pytest.FixtureRequest) -> AsyncIterator[Cloud]:
+    async with in_process_cloud(backend_url(request.param, None)) as c:
+        yield c
+
+
+def problem(response: httpx.Response, status: int, code: str) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["code"] == code, body
+    assert body["status"] == status
+    assert {"type", "title", "detail"} <= body.keys()
+    assert "Traceback" not in response.text
+    return dict(body)
+
+
+# --- known answers ----------------------------------------------------------------------
+
+
+async def test_vector_bind_start_and_complete_answers_reproduce_exactly() -> None:
+    inputs = VECTORS["inputs"]
+    draws = {d["name"]: bytes.fromhex(d["hex"]) for d in inputs["draws"]}
+    cloud_draws = [draws[n] for n in ("attempt_id", "R", "seal_nonce", "identifier", "K_dev", "W_nonce")]
+    entropy = CountingEntropy(cloud_draws)
+    async with in_process_cloud(
+        "sqlite:///:memory:", entropy=entropy, clock=lambda: 1700000000.0
+    ) as c:
+        record = FactoryRecord.from_json(inputs["factory_record"])
+        await register(c.registry, c.kek, [record])
+        token = await add_user(c.registry, "vector-user")  # user id 1 → principal "user:1"
+        http = VECTORS["http"]
+        response = await c.client.post(
+            "/v1/bind/start", json=http["bind_start_request"], headers=bearer(token)
+        )
+        assert response.status_code == 201
+        assert response.json() == http["bind_start_answer"]
+        response = await c.client.post(
+            "/v1/bind/complete", json=http["bind_complete_request"], headers=bearer(token)
+        )
+        assert response.status_code == 200
+        assert response.json() == http["bind_complete_answer"]
+
+
+# --- happy paths -----------------------------------------------------------------------------
+
+
+async def test_onboard_checkin_views_and_unbind(cloud: Cloud) -> None:
+    record = new_factory_record()
+    await register(cloud.registry, cloud.kek, [record])
+    token = await add_user(cloud.registry, "alice")
+    device = SimDevice(record)
+    answer = await onboard(cloud.client, token, device)
+    assert answer == {"dev_id": record.dev_id.hex(), "identifier": device.identifier.hex(), "epoch": 1}
+
+    view = (await cloud.client.get(f"/v1/devices/{device.identifier.hex()}", headers=bearer(token))).json()
+    assert view["state"] == "pending" and view["epoch"] == 1 and view["last_checkin"] is None
+
+    body, headers = device.checkin_request()
+    response = await cloud.client.post("/v1/devices/checkin", content=body, headers=headers)
+    assert response.status_code == 200 and response.json() == answer
+    listing = (await cloud.client.get("/v1/devices", headers=bearer(token))).json()
+    assert [v["state"] for v in listing] == ["active"]
+    assert listing[0]["dev_id"] == record.dev_id.hex() and listing[0]["model"] == record.model
+    assert set(listing[0]) == {"identifier", "dev_id", "model", "epoch", "state", "bound_at", "last_checkin"}
+
+    # Re-onboarding by the same owner: epoch 2; the check-in retires epoch 1.
+    old = (device.identifier, device.k_dev)
+    device.active_epoch = 1
+    second = await onboard(cloud.client, token, device)
+    assert second["epoch"] == 2
+    body, headers = device.checkin_request()
+    assert (await cloud.client.post("/v1/devices/checkin", content=body, headers=headers)).status_code == 200
+    stale = SimDevice(record, identifier=old[0], k_dev=old[1], ack=b"\0" * 32)
+    body, headers = stale.checkin_request()
+    problem(await cloud.client.post("/v1/devices/checkin", content=body, headers=headers), 401, "bad_signature")
+
+    # Unbind: owner removed, identities retired.
+    response = await cloud.client.delete(f"/v1/devices/{device.identifier.hex()}", headers=bearer(token))
+    assert response.status_code == 204
+    assert (await cloud.client.get("/v1/devices", headers=bearer(token))).json() == []
+    body, headers = device.checkin_request()
+    problem(await cloud.client.post("/v1/devices/checkin", content=body, headers=headers), 401, "bad_signature")
+    async with cloud.registry.transaction() as tx:
+        events = [e.event for e in await tx.audit_entries(record.dev_id)]
+    assert events == ["bind", "checkin", "bind", "checkin", "unbind"]
+
+
+async def test_checkin_completes_a_bind_whose_complete_never_arrived(cloud: Cloud) -> None:
+    record = new_factory_record()
+    await register(cloud.registry, cloud.kek, [record])
+    token = await add_user(cloud.registry, "bob")
+    device = SimDevice(record)
+    session = start_session(device)
+    response = await cloud.client.post("/v1/bind/start", json=session.request, headers=bearer(token))
+    session.answer = response.json()
+    finish_session(device, session)
+    body, headers = device.checkin_request()
+    response = await cloud.client.post("/v1/devices/checkin", content=body, headers=headers)
+    assert response.status_code == 200
+    # The user became the owner; a late bind/complete gets the same answer.
+    late = await cloud.client.post(
+        "/v1/bind/complete",
+        json={"attempt": session.answer["attempt"], "ack": b64url_encode(device.ack)},
+        headers=bearer(token),
+    )
+    assert late.status_code == 200 and late.json() == response.json()
+    listing = (await cloud.client.get("/v1/devices", headers=bearer(token))).json()
+    assert listing[0]["state"] == "active"
+
+
+async def test_client_drives_every_endpoint_and_hub_signs_for_its_owner(cloud: Cloud) -> None:
+    hub_record, lock_record = new_factory_record("Doorstep Hub"), new_factory_record()
+    await register(cloud.registry, cloud.kek, [hub_record, lock_record])
+    token = await add_user(cloud.registry, "carol")
+    transport = cloud.client._transport  # the same in-process ASGI transport
+    async with CloudClient("http://cloud.test", token=token, transport=transport) as user:
+        hub = SimDevice(hub_record)
+        session = start_session(hub)
+        session.answer = await user.bind_start(session.request)
+        ack = finish_session(hub, session)
+        assert (await user.bind_complete(session.answer["attempt"], ack))["epoch"] == 1
+        await user.checkin(hub.identifier, hub.k_dev, hub.ack)
+        assert (await user.device(hub.identifier))["state"] == "active"
+
+    # The hub onboards a lock for its owner.
+    signer = HubSigner(hub.identifier, hub.k_dev)
+    async with CloudClient("http://cloud.test", signer=signer, transport=transport) as hub_client:
+        lock = SimDevice(lock_record)
+        session = start_session(lock)
+        session.answer = await hub_client.bind_start(session.request)
+        ticket = b64url_decode(session.answer["ticket"])
+        assert f"hub:{hub.identifier.hex()}".encode() in ticket
+        ack = finish_session(lock, session)
+        await hub_client.bind_complete(session.answer["attempt"], ack)
+        names = {v["dev_id"] for v in await hub_client.devices()}
+        assert names == {hub_record.dev_id.hex(), lock_record.dev_id.hex()}
+    async with CloudClient("http://cloud.test", token=token, transport=transport) as user:
+        await user.unbind(lock.identifier)
+        with pytest.raises(CloudError) as info:
+            await user.device(lock.identifier)
+        assert (info.value.status, info.value.code) == (404, "unknown_device")
+
+
+async def test_identical_retry_returns_the_first_answer_and_others_are_refused(cloud: Cloud) -> None:
+    record = new_factory_record()
+    await register(cloud.registry, cloud.kek, [record])
+    alice, mallory = await add_user(cloud.registry, "alice"), await add_user(cloud.registry, "mallory")
+    session = start_session(SimDevice(record))
+    first = await cloud.client.post("/v1/bind/start", json=session.request, headers=bearer(alice))
+    again = await cloud.client.post("/v1/bind/start", json=session.request, headers=bearer(alice))
+    assert first.status_code == again.status_code == 201
+    assert first.content == again.content
+    other = await cloud.client.post("/v1/bind/start", json=session.request, headers=bearer(mallory))
+    problem(other, 403, "device_refused")
+
+
+# --- hostile input ---------------------------------------------------------------------------
+
+
+async def test_every_device_refusal_looks_the_same(cloud: Cloud) -> None:
+    owned, fresh = new_factory_record(), new_factory_record()
+    await register(cloud.registry, cloud.kek, [owned, fresh])
+    alice, bob = await add_user(cloud.registry, "alice"), await add_user(cloud.registry, "bob")
+    await onboard(cloud.client, alice, SimDevice(owned))
+
+    refusals = []
+    unknown = SimDevice(new_factory_record())  # never registered
+    refusals.append(start_session(unknown).request)
+    wrong_key = SimDevice(FactoryRecord(fresh.dev_id, fresh.mac, os.urandom(32), fresh.model))
+    refusals.append(start_session(wrong_key).request)  # bad tag
+    wrong_mac = SimDevice(FactoryRecord(fresh.dev_id, os.urandom(6), fresh.k_init, fresh.model))
+    refusals.append(start_session(wrong_mac).request)
+    wrong_model = SimDevice(FactoryRecord(fresh.dev_id, fresh.mac, fresh.k_init, "Other"))
+    refusals.append(start_session(wrong_model).request)
+    refusals.append(start_session(SimDevice(owned)).request)  # owned by alice, no reset
+    replayed = start_session(SimDevice(fresh)).request
+    assert (await cloud.client.post("/v1/bind/start", json=replayed, headers=bearer(alice))).status_code == 201
+    refusals.append(replayed)  # same (dev_id, N_D), another principal
+
+    bodies = set()
+    for request in refusals:
+        response = await cloud.client.post("/v1/bind/start", json=request, headers=bearer(bob))
+        problem(response, 403, "device_refused")
+        bodies.add(response.content)
+    assert len(bodies) == 1
+
+    # reset_ctr below the highest seen; then a reset lets bob take alice's device.
+    stale = SimDevice(fresh, reset_ctr=0)
+    await onboard(cloud.client, bob, SimDevice(owned, reset_ctr=1))
+    response = await cloud.client.post("/v1/bind/start", json=start_session(stale).request, headers=bearer(bob))
+    assert response.status_code == 201
+    response = await cloud.client.post(
+        "/v1/bind/start", json=start_session(SimDevice(owned, reset_ctr=0)).request, headers=bearer(bob)
+    )
+    problem(response, 403, "device_refused")
+
+
+async def test_malformed_requests_get_exact_codes(cloud: Cloud) -> None:
+    record = new_factory_record()
+    await register(cloud.registry, cloud.kek, [record])
+    token = await add_user(cloud.registry, "alice")
+    good = start_session(SimDevice(record)).request
+    post = cloud.client.post
+    json_headers = bearer(token) | {"content-type": "application/json"}
+
+    problem(await post("/v1/bind/start", content=b"{not json", headers=json_headers), 400, "malformed_json")
+    problem(await post("/v1/bind/start", json={"m1": good["m1"]}, headers=bearer(token)), 422, "invalid_request")
+    problem(await post("/v1/bind/start", json=good | {"m1": "AQ=="}, headers=bearer(token)), 422, "invalid_request")
+    problem(await post("/v1/bind/start", json=good | {"m1": "A"}, headers=bearer(token)), 400, "bad_base64")
+    short_pub = good | {"commissioner_pub": b64url_encode(b"x" * 31)}
+    problem(await post("/v1/bind/start", json=short_pub, headers=bearer(token)), 400, "wrong_size")
+    bad_nonce = good | {"commissioner_nonce": b64url_encode(os.urandom(16))}
+    problem(await post("/v1/bind/start", json=bad_nonce, headers=bearer(token)), 400, "bad_commitment")
+    swapped = good | {"m1": good["m2"], "m2": good["m1"]}
+    response = await post("/v1/bind/start", json=swapped, headers=bearer(token))
+    assert response.status_code == 400 and response.json()["code"] in {"wrong_message", "wrong_size"}
+    problem(await post("/v1/bind/start", json=good | {"m2": b64url_encode(b"\x01\x02" + b"\0" * 20)},
+                       headers=bearer(token)), 400, "cbor_trailing_bytes")
+
+    problem(await post("/v1/bind/start", json=good), 401, "unauthorized")
+    problem(await post("/v1/bind/start", json=good, headers=bearer("nope")), 401, "unauthorized")
+    problem(await post("/v1/bind/start", json=good, headers={"authorization": "Basic eA=="}), 401, "unauthorized")
+    problem(await post("/v1/bind/start", json=good, headers={"authorization": "DS1-HMAC id=zz"}), 401, "bad_signature")
+
+    unknown = {"attempt": b64url_encode(os.urandom(16)), "ack": b64url_encode(os.urandom(32))}
+    problem(await post("/v1/bind/complete", json=unknown, headers=bearer(token)), 404, "unknown_attempt")
+    problem(await post("/v1/bind/complete", json=unknown | {"attempt": "AAAA"}, headers=bearer(token)), 400, "wrong_size")
+
+    problem(await cloud.client.get("/v1/nowhere"), 404, "not_found")
+    problem(await cloud.client.put("/v1/bind/start", json=good), 405, "method_not_allowed")
+    problem(await cloud.client.get("/v1/devices/XYZ", headers=bearer(token)), 400, "bad_hex")
+    problem(await cloud.client.get(f"/v1/devices/{os.urandom(16).hex()}", headers=bearer(token)), 404, "unknown_device")
+
+
+async def test_other_users_attempt_bad_ack_and_expiry(cloud: Cloud) -> None:
+    now = [time.time()]
+    async with in_process_cloud("sqlite:///:memory:", clock=lambda: now[0]) as c:
+        record = new_factory_record()
+        await register(c.registry, c.kek, [record])
+        alice, eve = await add_user(c.registry, "alice"), await add_user(c.registry, "eve")
+        device = SimDevice(record)
+        session = start_session(device)
+        session.answer = (await c.client.post("/v1/bind/start", json=session.request, headers=bearer(alice))).json()
+        ack = finish_session(device, session)
+        complete = {"attempt": session.answer["attempt"], "ack": b64url_encode(ack)}
+        problem(await c.client.post("/v1/bind/complete", json=complete, headers=bearer(eve)), 404, "unknown_attempt")
+        wrong = complete | {"ack": b64url_encode(os.urandom(32))}
+        problem(await c.client.post("/v1/bind/complete", json=wrong, headers=bearer(alice)), 403, "bad_ack")
+        now[0] += 7 * 86400 + 1
+        problem(await c.client.post("/v1/bind/complete", json=complete, headers=bearer(alice)), 410, "attempt_expired")
+        body, headers = device.checkin_request(ts=int(now[0]))
+        problem(await c.client.post("/v1/devices/checkin", content=body, headers=headers), 410, "attempt_expired")
+        # Identical retry after expires_in is a replay: refused.
+        again = await c.client.post("/v1/bind/start", json=session.request, headers=bearer(alice))
+        problem(again, 403, "device_refused")
+
+
+async def test_forged_replayed_and_stale_signatures_are_refused(cloud: Cloud) -> None:
+    record = new_factory_record()
+    await register(cloud.registry, cloud.kek, [record])
+    token = await add_user(cloud.registry, "alice")
+    device = SimDevice(record)
+    await onboard(cloud.client, token, device)
+    nonce = os.urandom(16)
+    body, headers = device.checkin_request(nonce=nonce)
+    assert (await cloud.client.post("/v1/devices/checkin", content=body, headers=headers)).status_code == 200
+    replay = await cloud.client.post("/v1/devices/checkin", content=body, headers=headers)
+    problem(replay, 401, "nonce_reused")
+    body, headers = device.checkin_request(ts=int(time.time()) - 301)
+    problem(await cloud.client.post("/v1/devices/checkin", content=body, headers=headers), 401, "clock_skew")
+    body, headers = device.checkin_request()
+    tampered = body.replace(b'"ack"', b'"ack" ')
+    problem(await cloud.client.post("/v1/devices/checkin", content=tampered, headers=headers), 401, "bad_signature")
+    forged = SimDevice(record, identifier=device.identifier, k_dev=os.urandom(32), ack=device.ack)
+    body, headers = forged.checkin_request()
+    problem(await cloud.client.post("/v1/devices/checkin", content=body, headers=headers), 401, "bad_signature")
+    problem(await cloud.client.post("/v1/devices/checkin", json={"ack": "x"}, headers=bearer(token)), 401, "bad_signature")
+    # A pending identity (bound, not checked in) is not a hub: it cannot sign bind/start.
+    pending_record = new_factory_record()
+    await register(cloud.registry, cloud.kek, [pending_record])
+    pending = SimDevice(pending_record)
+    await onboard(cloud.client, token, pending)
+    session = start_session(SimDevice(new_factory_record()))
+    raw = json.dumps(session.request).encode()
+    auth = pending.sign("POST", "/v1/bind/start", raw)
+    response = await cloud.client.post("/v1/bind/start", content=raw,
+                                       headers={"authorization": auth, "content-type": "application/json"})
+    problem(response, 401, "bad_signature")
+
+
+async def test_oversize_bodies_are_refused_with_413(cloud: Cloud) -> None:
+    token = await add_user(cloud.registry, "alice")
+    big = json.dumps({"m1": "A" * 20000}).encode()
+    headers = bearer(token) | {"content-type": "application/json"}
+    problem(await cloud.client.post("/v1/bind/start", content=big, headers=headers), 413, "payload_too_large")
+
+    async def stream() -> AsyncIterator[bytes]:  # no Content-Length: counted as it streams
+        for _ in range(20):
+            yield b" " * 1024
+
+    response = await cloud.client.post("/v1/bind/start", content=stream(), headers=headers)
+    problem(response, 413, "payload_too_large")
+
+
+async def test_rate_limits_answer_429_with_retry_after() -> None:
+    settings = Settings(rate_per_user=3, rate_per_device=100, rate_per_address=100)
+    async with in_process_cloud("sqlite:///:memory:", settings=settings) as c:
+        record = new_factory_record()
+        await register(c.registry, c.kek, [record])
+        token = await add_user(c.registry, "alice")
+        for _ in range(3):
+            response = await c.client.post("/v1/bind/start", json=start_session(SimDevice(record)).request,
+                                           headers=bearer(token))
+            assert response.status_code == 201
+        response = await c.client.post("/v1/bind/start", json=start_session(SimDevice(record)).request,
+                                       headers=bearer(token))
+        problem(response, 429, "rate_limited")
+        assert 1 <= int(response.headers["retry-after"]) <= 60
+        # The commitment is checked before the rate limit.
+        bad = start_session(SimDevice(record)).request | {"commissioner_nonce": b64url_encode(os.urandom(16))}
+        problem(await c.client.post("/v1/bind/start", json=bad, headers=bearer(token)), 400, "bad_commitment")
+
+
+async def test_secrets_never_in_responses_or_logs(cloud: Cloud, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    record = new_factory_record()
+    await register(cloud.registry, cloud.kek, [record])
+    token = await add_user(cloud.registry, "alice")
+    device = SimDevice(record)
+    texts = []
+    original = cloud.client.send
+
+    async def recording_send(request: httpx.Request, **kwargs: object) -> httpx.Response:
+        response = await original(request, **kwargs)  # type: ignore[arg-type]
+        await response.aread()
+        texts.append(response.text)
+        return response
+
+    cloud.client.send = recording_send  # type: ignore[method-assign]
+    await onboard(cloud.client, token, device)
+    body, headers = device.checkin_request()
+    await cloud.client.post("/v1/devices/checkin", content=body, headers=headers)
+    await cloud.client.get("/v1/devices", headers=bearer(token))
+    await cloud.client.post("/v1/bind/complete", json={"attempt": "A" * 22, "ack": "B" * 43}, headers=bearer(token))
+    haystack = "\n".join(texts) + caplog.text + repr(device.record)
+    for secret in (record.k_init, device.k_dev, TEST_KEK):
+        assert secret.hex() not in haystack and b64url_encode(secret) not in haystack
+    assert token not in haystack
+    async with cloud.registry.transaction() as tx:
+        stored = await tx.device(record.dev_id)
+    assert stored is not None and record.k_init not in stored.k_init_wrapped
+    assert record.k_init.hex() not in repr(stored)
+
+
+async def test_unknown_device_timing_is_close_to_a_bad_tag() -> None:
+    """Reported, not asserted tightly: median of many refusals for each path."""
+    settings = Settings(rate_per_user=10**6, rate_per_device=10**6, rate_per_address=10**6)
+    async with in_process_cloud("sqlite:///:memory:", settings=settings) as c:
+        record = new_factory_record()
+        await register(c.registry, c.kek, [record])
+        token = await add_user(c.registry, "alice")
+        wrong_key = SimDevice(FactoryRecord(record.dev_id, record.mac, os.urandom(32), record.model))
+        unknown = SimDevice(new_factory_record())
+        requests = {"bad_tag": start_session(wrong_key).request, "unknown": start_session(unknown).request}
+        samples: dict[str, list[float]] = {"bad_tag": [], "unknown": []}
+        for _ in range(300):
+            for name, request in requests.items():
+                started = time.perf_counter()
+                response = await c.client.post("/v1/bind/start", json=request, headers=bearer(token))
+                samples[name].append(time.perf_counter() - started)
+                assert response.status_code == 403
+        medians = {k: statistics.median(v) * 1e6 for k, v in samples.items()}
+        print(f"\nmedian refusal µs: {medians}, difference {medians['unknown'] - medians['bad_tag']:+.1f} µs")
+        assert abs(medians["unknown"] - medians["bad_tag"]) < 0.5 * medians["bad_tag"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_fifty_concurrent_bind_starts_for_one_challenge(backend: str) -> None:
+    settings = Settings(rate_per_user=10**6, rate_per_device=10**6, rate_per_address=10**6)
+    async with in_process_cloud(backend_url(backend, None), settings=settings) as c:
+        record = new_factory_record()
+        await register(c.registry, c.kek, [record])
+        tokens = [await add_user(c.registry, f"user{i}") for i in range(50)]
+        request = start_session(SimDevice(record)).request
+        responses = await asyncio.gather(
+            *(c.client.post("/v1/bind/start", json=request, headers=bearer(t)) for t in tokens)
+        )
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses.count(201) == 1 and statuses.count(403) == 49, statuses
+        winner = tokens[[r.status_code for r in responses].index(201)]
+        first = next(r for r in responses if r.status_code == 201)
+        retries = await asyncio.gather(
+            *(c.client.post("/v1/bind/start", json=request, headers=bearer(winner)) for _ in range(10))
+        )
+        assert all(r.status_code == 201 and r.content == first.content for r in retries)
+
+
+async def test_wrong_kek_file_and_missing_kek_are_clear_errors(tmp_path: object) -> None:
+    from cloud.app import create_app
+    from cloud.errors import ConfigurationError
+    from cloud.keys import load_kek
+
+    with pytest.raises(ConfigurationError) as info:
+        load_kek(None, env={})
+    assert info.value.code == "kek_missing"
+    with pytest.raises(ConfigurationError) as info:
+        load_kek(None, env={"DOORSTEP_KEK": "short"})
+    assert info.value.code == "kek_invalid"
+    os.environ.pop("DOORSTEP_KEK", None)
+    os.environ.pop("DOORSTEP_KEK_FILE", None)
+    with pytest.raises(ConfigurationError):
+        create_app(Settings())
+    assert load_kek(None, env={"DOORSTEP_KEK": b64url_encode(TEST_KEK)}) == TEST_KEK
