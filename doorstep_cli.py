@@ -17,7 +17,7 @@ ROLES: tuple[tuple[str, str], ...] = (
     ("device", "device.cli"),
     ("phone", "phone.cli"),
     ("hub", "hub.cli"),
-    ("demo", "demo_cli"),
+    ("demo", "demo.cli"),
 )
 
 

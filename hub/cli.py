@@ -122,15 +122,14 @@ async def _device_phase(args: argparse.Namespace, factory: Any, store: Any, clou
 
 
 async def _commissioner_phase(args: argparse.Namespace, state: Any, cloud_url: str) -> int:
-    from phone.cloudlink import CloudBindService
-
     from ble.bleak_central import BleakCentral
     from hub.console import ConsoleOperator, HubConsole
     from hub.registry import HubRegistry
     from hub.runtime import HubCommissioner, ScriptedOperator
+    from phone.cloudlink import CloudLink
     from phone.commissioner import NetworkChoice
 
-    cloud = CloudBindService(cloud_url, hub_identity=(state.active.identifier, state.active.k_dev))
+    cloud = CloudLink(cloud_url, hub_identity=(state.active.identifier, state.active.k_dev))
     wifi = NetworkChoice(state.wifi.ssid, state.wifi.passphrase, state.wifi.security)
     async with HubRegistry(args.state / "hub.db") as registry:
         operator: Any = (

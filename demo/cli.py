@@ -1,0 +1,206 @@
+"""``doorstep demo``: the whole system on this machine, with the phone app on top (issue 8).
+
+It starts the BLE simulator with the timing model (connection interval 30 ms,
+advertising 100 ms), a cloud on SQLite in the user's data directory, a demo
+user, three factory-fresh devices in a demo Wi-Fi environment, and opens the
+phone app configured for them. ``--headless`` onboards every device with the
+same flow ``doorstep phone pair`` uses and prints a timeline per stage.
+Everything it starts is stopped when it exits, on Ctrl-C, or when a process dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEMO_SSID = "DoorstepHome"
+DEMO_PASSPHRASE = "correct horse battery"  # noqa: S105 - the simulated network's, shown on screen
+
+
+def data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "doorstep" / "demo"
+
+
+def add_parser(subparsers: Any) -> None:
+    demo = subparsers.add_parser(
+        "demo", help="run the whole system here: sim, cloud, devices, phone"
+    )
+    demo.add_argument("--headless", action="store_true", help="onboard every device, scripted")
+    demo.add_argument("--devices", type=int, default=3, help="how many devices (default 3)")
+    demo.add_argument("--interval-ms", type=float, default=30.0, help="BLE connection interval")
+    demo.add_argument("--adv-interval-ms", type=float, default=100.0, help="advertising interval")
+    demo.add_argument("--mtu", type=int, default=247)
+    demo.add_argument(
+        "--dir", type=Path, default=None, help=f"work directory (default {data_dir()})"
+    )
+    demo.set_defaults(func=cmd_demo)
+
+
+def say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if shutil.which("dbus-daemon") is None:
+        print(
+            "doorstep demo: dbus-daemon is missing (Debian: apt-get install dbus)", file=sys.stderr
+        )
+        return 2
+    if not 1 <= args.devices <= 32:
+        print("doorstep demo: --devices must be 1..32", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_demo(args))
+    except KeyboardInterrupt:
+        say("interrupted; everything stopped")
+        return 130
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from demo.stack import Stack, StackError
+
+    workdir = args.dir or data_dir()
+    if workdir.exists():
+        shutil.rmtree(workdir)  # every demo starts factory-fresh
+    workdir.mkdir(parents=True)
+    stack = Stack(
+        workdir,
+        timing=True,
+        interval_ms=args.interval_ms,
+        adv_interval_ms=args.adv_interval_ms,
+        mtu=args.mtu,
+        say=say,
+    )
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    loop.add_signal_handler(signal.SIGTERM, main.cancel)
+    started = time.monotonic()
+    try:
+        async with stack:
+            await stack.add_devices(args.devices)
+            say(f"ready in {time.monotonic() - started:.1f} s")
+            say(f"Wi-Fi for the devices: {DEMO_SSID!r}, passphrase {DEMO_PASSPHRASE!r}")
+            os.environ.update(stack.env)  # bleak reaches the simulator through it
+            if args.headless:
+                return await _headless(stack)
+            return await _interactive(stack)
+    except StackError as exc:
+        print(f"doorstep demo: {exc}", file=sys.stderr)
+        print(f"doorstep demo: logs are in {workdir / 'logs'}", file=sys.stderr)
+        return 1
+    except asyncio.CancelledError:
+        say("stopped")
+        return 130
+
+
+async def _watch(stack: Any) -> None:
+    """Fail fast when a process of the stack dies."""
+    while True:
+        stack.check_alive()
+        await asyncio.sleep(0.5)
+
+
+async def _interactive(stack: Any) -> int:
+    say("opening the phone app (q quits; everything stops with it)")
+    env = dict(os.environ)
+    env.update(stack.env)
+    env["DOORSTEP_CLOUD_URL"] = stack.cloud_url
+    env["DOORSTEP_TOKEN"] = stack.token
+    env["XDG_CONFIG_HOME"] = str(stack.workdir / "config")
+    from demo.stack import doorstep_cmd
+
+    app = await asyncio.create_subprocess_exec(
+        *doorstep_cmd("phone", "--cloud", stack.cloud_url, "--token", stack.token), env=env
+    )
+    watcher = asyncio.create_task(_watch(stack))
+    waiter = asyncio.create_task(app.wait())
+    done, _ = await asyncio.wait({watcher, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if watcher in done:
+        app.terminate()
+        await app.wait()
+        watcher.result()  # raises StackError
+    watcher.cancel()
+    return 0
+
+
+async def _headless(stack: Any) -> int:
+    from ble.bleak_central import BleakCentral
+    from phone.cloudlink import CloudLink
+    from phone.commissioner import NetworkChoice, Onboarding, Stage, StageState
+
+    class Timeline:
+        def __init__(self, name: str) -> None:
+            self.name = name
+            self.t0 = time.monotonic()
+
+        async def stage_changed(self, stage: Stage, state: StageState, detail: str) -> None:
+            if state in (StageState.DONE, StageState.FAILED):
+                t = time.monotonic() - self.t0
+                extra = f" — {detail}" if detail and state is StageState.FAILED else ""
+                print(
+                    f"  {t:7.3f} s  {self.name}  {stage.value:18s} {state.value}{extra}", flush=True
+                )
+
+        async def confirm_code(self, device: Any, sas: str) -> bool:
+            print(f"  code {sas[:3]} {sas[3:]} on {device.model} — accepted (headless)", flush=True)
+            return True
+
+        async def choose_network(self, networks: Any, failure: Any) -> NetworkChoice | None:
+            if failure is not None:
+                return None
+            return NetworkChoice(DEMO_SSID.encode(), DEMO_PASSPHRASE, 1)
+
+    central = BleakCentral()
+    cloud = CloudLink(stack.cloud_url, stack.token)
+    watcher = asyncio.create_task(_watch(stack))
+    reports = []
+    try:
+        for handle in stack.devices:
+            say(f"onboarding {handle.name}")
+            flow = Onboarding(central, cloud, Timeline(handle.name), wait_checkin_s=15)
+            address = await _find(central, handle.name)
+            report = await flow.run(address, handle.name)
+            reports.append((handle.name, report))
+            verdict = (
+                f"onboarded as {report.short_id} in {report.total_s:.2f} s"
+                if report.ok
+                else f"FAILED ({report.status.name.lower()}): {report.message} {report.hint}"
+            )
+            say(f"{handle.name}: {verdict}")
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await watcher
+        await cloud.aclose()
+    ok = sum(r.ok for _, r in reports)
+    print("\nsummary", flush=True)
+    for name, r in reports:
+        ble = r.stats
+        print(
+            f"  {name}  {'ok ' if r.ok else 'FAIL'}  {r.total_s:6.2f} s  id {r.short_id or '-':8s}  "
+            f"checked in: {'yes' if r.checked_in else 'no '}  BLE round trips {r.handshake_round_trips}  "
+            f"bytes {ble.bytes_to_device}↓ {ble.bytes_from_device}↑"
+        )
+    say(f"{ok}/{len(reports)} devices onboarded")
+    return 0 if ok == len(reports) and all(r.checked_in for _, r in reports) else 1
+
+
+async def _find(central: Any, name: str, timeout: float = 20.0) -> str:
+    from ble.errors import DeviceNotFound
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        async for sighting in central.scan(timeout=min(2.0, deadline - time.monotonic())):
+            if sighting.name == name:
+                return str(sighting.address)
+    raise DeviceNotFound(f"{name} was not seen within {timeout:.0f} s")
