@@ -102,7 +102,7 @@ class _Stored:
 
 @dataclass(frozen=True)
 class _Command:
-    name: str  # "button", "reset", "checked_in", "checkin_refused", "stop"
+    name: str  # "button", "reset", "tick", "checked_in", "checkin_refused", "stop"
 
 
 _Item = (
@@ -187,6 +187,10 @@ class DeviceRuntime:
 
     def stop(self) -> None:
         self._inbox.put_nowait(_Command("stop"))
+
+    def wake(self) -> None:
+        """Re-check timers now (for an injected clock that was moved by hand)."""
+        self._inbox.put_nowait(_Command("tick"))
 
     # ---- the loop ------------------------------------------------------------------
 
@@ -288,7 +292,9 @@ class DeviceRuntime:
             await self._command(item.name)
 
     async def _command(self, name: str) -> None:
-        if name == "button":
+        if name == "tick":
+            await self._tick()
+        elif name == "button":
             self.gate.button_pressed()
             self._persist_gate()
             await self.user.show("Button pressed: pairing window open for 10 minutes")

@@ -185,3 +185,45 @@ async def test_giving_up_after_failed_join_reports_the_wifi_status(tmp_path: Pat
         assert report.status is Status.WIFI_AUTH_FAILED
         assert "passphrase" in report.message.lower()
         assert runtime.state.pending is None and cloud.completed == []
+
+
+async def test_device_user_silent_for_60s_with_injected_clock(tmp_path: Path) -> None:
+    clock = [1000.0]
+    air = MemoryAir()
+    factory = make_factory()
+    cloud = LocalBindService(LocalCloud(factory))
+    wifi = WifiEnvironment.default()
+    user = ScriptedDeviceUser(answer=None)  # never answers
+    runtime = DeviceRuntime(
+        factory,
+        DeviceStore(tmp_path / "state"),
+        air.peripheral("C8:2B:96:1A:01:42"),
+        wifi,
+        user,
+        None,
+        clock=lambda: clock[0],
+    )
+    task = asyncio.create_task(runtime.run())
+    await runtime.started.wait()
+    flow = asyncio.create_task(
+        Onboarding(air.central(), cloud, ScriptedCommissioner(choices=[GOOD])).run(
+            "C8:2B:96:1A:01:42"
+        )
+    )
+    for _ in range(200):
+        await asyncio.sleep(0.005)
+        if user.requests:
+            break
+    assert user.requests and user.requests[0].deadline_s == 60
+    clock[0] += 59
+    runtime.wake()
+    await asyncio.sleep(0.02)
+    assert not flow.done()
+    clock[0] += 2
+    runtime.wake()
+    report = await asyncio.wait_for(flow, 5)
+    assert report.status is Status.REJECTED_BY_USER
+    assert runtime.state.pending is None and runtime.state.active is None
+    assert runtime.current_status().state is AdvState.UNPROVISIONED
+    runtime.stop()
+    await task
