@@ -147,6 +147,7 @@ class DeviceRuntime:
         self._tasks: set[asyncio.Task[None]] = set()
         self._checkin_task: asyncio.Task[None] | None = None
         self._status: DeviceStatus | None = None
+        self._save_lock = asyncio.Lock()
         self.started = asyncio.Event()
         self.onboarded = asyncio.Event()  # set when a check-in made an identity active
         if self.state.active is None and not self.gate.window_open:
@@ -174,8 +175,19 @@ class DeviceRuntime:
             await self.peripheral.set_status(status)
 
     def _persist_gate(self) -> None:
+        """Synchronous save, only before the loop runs (construction)."""
         self.state = self.state.with_(gate=self.gate.to_json())
         self.store.save(self.state)
+
+    async def _save(self) -> None:
+        """Persist ``self.state`` (with the gate) off the event loop, one save at a time.
+
+        A save fsyncs twice; doing it on the loop would stall the GATT
+        server's D-Bus replies (and so the commissioner) for as long.
+        """
+        async with self._save_lock:
+            self.state = self.state.with_(gate=self.gate.to_json())
+            await asyncio.to_thread(self.store.save, self.state)
 
     # ---- public controls -------------------------------------------------------
 
@@ -296,7 +308,7 @@ class DeviceRuntime:
             await self._tick()
         elif name == "button":
             self.gate.button_pressed()
-            self._persist_gate()
+            await self._save()
             await self.user.show("Button pressed: pairing window open for 10 minutes")
         elif name == "reset":
             await self._factory_reset()
@@ -312,7 +324,7 @@ class DeviceRuntime:
             self._checkin_task.cancel()
         self.state = DeviceState(reset_ctr=min(self.state.reset_ctr + 1, U32_MAX))
         self.gate.factory_reset()
-        self._persist_gate()
+        await self._save()
         await self.user.show("Factory reset: identity and Wi-Fi erased, pairing window open")
 
     # ---- session events -------------------------------------------------------------
@@ -348,8 +360,8 @@ class DeviceRuntime:
                 self._spawn(self._store_pending(session, event))
             elif isinstance(event, Provisioned):
                 self.gate.close_window()
-                self._persist_gate()
                 self._start_checkin()
+                self._spawn(self._save())
             elif isinstance(event, SessionEnded):
                 await self._session_ended(session, event, disconnect)
 
@@ -357,7 +369,7 @@ class DeviceRuntime:
         self, session: DeviceSession, event: SessionEnded, disconnect: bool
     ) -> None:
         self.gate.session_ended(sent_m2=event.sent_m2, accepted_m3=event.accepted_m3)
-        self._persist_gate()
+        self._spawn(self._save())
         log.info("session ended: %s (%s)", event.status.name, event.reason)
         if self.session is session:
             self.session = None
@@ -401,9 +413,8 @@ class DeviceRuntime:
             th=record.th,
             stored_at=time.time(),
         )
-        new_state = self.state.with_(pending=pending)
-        await asyncio.to_thread(self.store.save, new_state)  # §5.3 step 5: one atomic write
-        self.state = new_state
+        self.state = self.state.with_(pending=pending)
+        await self._save()  # §5.3 step 5: one atomic write
         self._inbox.put_nowait(_Stored(session))
 
     # ---- check-in (§6.4) --------------------------------------------------------------
@@ -426,7 +437,7 @@ class DeviceRuntime:
             except CheckinRefused as exc:
                 log.warning("check-in refused: %s", exc)
                 self.state = self.state.with_(pending=None)
-                await asyncio.to_thread(self.store.save, self.state)
+                await self._save()
                 self._inbox.put_nowait(_Command("checkin_refused"))
                 return
             except Exception as exc:
@@ -443,7 +454,7 @@ class DeviceRuntime:
                 pending=None,
                 checkins=self.state.checkins + 1,
             )
-            await asyncio.to_thread(self.store.save, self.state)
+            await self._save()
             self.onboarded.set()
             self._inbox.put_nowait(_Command("checked_in"))
             return

@@ -313,7 +313,8 @@ class Onboarding:
         await self.delegate.stage_changed(stage, StageState.RUNNING, detail)
 
     async def _fail(self, status: Status, message: str) -> OnboardingReport:
-        self.report.timings.setdefault(self._stage, self.clock() - self._stage_started)
+        if self._stage_started:
+            self.report.timings.setdefault(self._stage, self.clock() - self._stage_started)
         what, hint = explain(status)
         self.report.status = status
         self.report.message = message or what
@@ -363,7 +364,7 @@ class Onboarding:
 
     async def run(self, address: str, name: str = "") -> OnboardingReport:
         started = self.clock()
-        self._stage_started = started
+        self._stage_started = 0.0  # the first _enter starts the clock of CONNECT
         try:
             return await self._run(address, name or address)
         except OnboardingError as exc:

@@ -227,3 +227,14 @@ async def test_device_user_silent_for_60s_with_injected_clock(tmp_path: Path) ->
     assert runtime.current_status().state is AdvState.UNPROVISIONED
     runtime.stop()
     await task
+
+
+async def test_stage_timings_add_up(tmp_path: Path) -> None:
+    async with running_device(tmp_path) as (air, _runtime, cloud, _user):
+        report = await Onboarding(
+            air.central(), cloud, ScriptedCommissioner(choices=[GOOD]), wait_checkin_s=5
+        ).run("C8:2B:96:1A:01:42")
+        assert report.ok
+        assert set(report.timings) == set(Stage)
+        assert all(t >= 0 for t in report.timings.values())
+        assert sum(report.timings.values()) <= report.total_s + 1e-6
