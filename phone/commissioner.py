@@ -448,8 +448,10 @@ class Onboarding:
             if isinstance(outcome, ProvisionSucceeded):
                 break
             failure = outcome
+            # The failed attempt is not a finished stage: the retry times NETWORK and JOIN anew.
             self.report.timings.pop(Stage.NETWORK, None)
             self.report.timings.pop(Stage.JOIN, None)
+            self._stage_started = 0.0
             await self.delegate.stage_changed(
                 Stage.JOIN, StageState.FAILED, explain(outcome.status)[0]
             )

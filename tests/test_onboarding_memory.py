@@ -238,3 +238,15 @@ async def test_stage_timings_add_up(tmp_path: Path) -> None:
         assert set(report.timings) == set(Stage)
         assert all(t >= 0 for t in report.timings.values())
         assert sum(report.timings.values()) <= report.total_s + 1e-6
+
+
+async def test_retry_after_failed_join_times_the_successful_attempt(tmp_path: Path) -> None:
+    async with running_device(tmp_path) as (air, _runtime, cloud, _user):
+        delegate = ScriptedCommissioner(choices=[BAD, GOOD])
+        report = await Onboarding(air.central(), cloud, delegate, wait_checkin_s=5).run(
+            "C8:2B:96:1A:01:42"
+        )
+        assert report.ok
+        join_events = [st.value for s, st, _d in delegate.stages if s is Stage.JOIN]
+        assert join_events.count("failed") == 1 and join_events[-1] == "done"
+        assert set(report.timings) == set(Stage)

@@ -1,0 +1,263 @@
+"""``doorstep phone``: the phone app (Textual) and ``doorstep phone pair`` for scripts.
+
+``doorstep phone [--cloud URL] [--token T] [--adapter HCI]`` opens the app.
+``doorstep phone pair --device NAME|ADDRESS --ssid S (--passphrase-file F |
+--passphrase-env VAR) [--security N] [--yes] [--json] [--scan-timeout S]``
+pairs one device without a screen: one line per stage (stderr with
+``--json``, else stdout), the §4 status as the exit code (0 ok), and with
+``--json`` a summary object on stdout. Exit codes: 0–14 the DS1 status; 2 also
+for usage errors (bad arguments, unreadable passphrase file, no cloud
+configured); 20 for failures outside DS1 (cloud unreachable or refusing the
+token, no Bluetooth adapter); 130 when interrupted.
+
+Cloud settings: flags, then ``DOORSTEP_CLOUD_URL``/``DOORSTEP_TOKEN``, then
+the saved settings file (``phone.config``). The passphrase and the token are
+never printed. The BlueZ central and the cloud adapter are imported lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from phone.config import (
+    ENV_CLOUD_URL,
+    ENV_TOKEN,
+    ConfigError,
+    ConfigStore,
+    PhoneConfig,
+    default_config_path,
+    default_history_path,
+    resolve_config,
+)
+
+EXIT_USAGE = 2
+EXIT_ENVIRONMENT = 20
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs (exit 2)."""
+
+
+def _cloud_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument(
+        "--cloud", default=default, metavar="URL", help=f"cloud base URL (or ${ENV_CLOUD_URL})"
+    )
+    parser.add_argument(
+        "--token", default=default, metavar="T", help=f"your account's token (or ${ENV_TOKEN})"
+    )
+    parser.add_argument(
+        "--adapter", default=default, metavar="HCI", help="BlueZ adapter (default: the first)"
+    )
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``phone`` (the app) and ``phone pair`` on the ``doorstep`` parser."""
+    phone = subparsers.add_parser(
+        "phone", help="the phone app: find, pair and manage Doorstep devices"
+    )
+    _cloud_options(phone, suppress=False)
+    phone.set_defaults(func=cmd_app)
+    sub = phone.add_subparsers(dest="phone_command", metavar="COMMAND")
+
+    pair = sub.add_parser("pair", help="pair one device without the app (for scripts)")
+    _cloud_options(pair, suppress=True)
+    pair.add_argument("--device", required=True, help="advertised name or BLE address")
+    pair.add_argument("--ssid", required=True, help="the Wi-Fi network for the device")
+    secret = pair.add_mutually_exclusive_group(required=True)
+    secret.add_argument(
+        "--passphrase-file", type=Path, metavar="F", help="file holding the Wi-Fi passphrase"
+    )
+    secret.add_argument(
+        "--passphrase-env", metavar="VAR", help="environment variable holding the passphrase"
+    )
+    pair.add_argument(
+        "--security",
+        type=int,
+        default=1,
+        metavar="N",
+        help="0 open, 1 WPA2, 2 WPA3, 3 WPA2/WPA3; used when the device did not see the SSID "
+        "(default 1)",
+    )
+    pair.add_argument("--yes", action="store_true", help="accept the code without asking")
+    pair.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    pair.add_argument(
+        "--scan-timeout", type=float, default=30.0, metavar="S", help="seconds to look for it"
+    )
+    pair.add_argument(
+        "--wait-checkin",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="seconds to wait for the device's cloud check-in (0: do not wait)",
+    )
+    pair.set_defaults(func=cmd_pair)
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+
+def read_passphrase(args: argparse.Namespace, env: dict[str, str] | None = None) -> str:
+    env = dict(os.environ) if env is None else env
+    if args.passphrase_file is not None:
+        path: Path = args.passphrase_file
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UsageError(f"passphrase file {path} does not exist") from None
+        except OSError as exc:
+            raise UsageError(f"cannot read passphrase file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"passphrase file {path} is not UTF-8 text") from None
+        # One trailing newline is the file's, not the passphrase's.
+        if text.endswith("\r\n"):
+            return text[:-2]
+        return text[:-1] if text.endswith("\n") else text
+    name: str = args.passphrase_env
+    if name not in env:
+        raise UsageError(f"environment variable {name} is not set")
+    return env[name]
+
+
+def cloud_config(args: argparse.Namespace) -> tuple[PhoneConfig, ConfigStore]:
+    store = ConfigStore(default_config_path())
+    try:
+        config = resolve_config(store, getattr(args, "cloud", None), getattr(args, "token", None))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    return config, store
+
+
+def make_cloud(config: PhoneConfig) -> Any:
+    from phone.cloudlink import CloudLink  # type: ignore[import-not-found,unused-ignore]
+
+    return CloudLink(config.cloud_url, config.token)
+
+
+def make_central(adapter: str | None) -> Any:
+    from ble.bleak_central import BleakCentral
+
+    return BleakCentral(adapter)
+
+
+# ---- doorstep phone pair -------------------------------------------------------------------------
+
+
+def cmd_pair(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(pair_main(args, sys.stdout, sys.stderr))
+    except KeyboardInterrupt:
+        print("doorstep phone pair: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+async def pair_main(
+    args: argparse.Namespace,
+    stdout: TextIO,
+    stderr: TextIO,
+    *,
+    central: Any = None,
+    cloud: Any = None,
+    stdin: TextIO | None = None,
+) -> int:
+    """``doorstep phone pair``; tests pass ``central``/``cloud`` (else BlueZ and the cloud)."""
+    from phone.pair import pair, summary, terminal_ask
+
+    progress = stderr if args.json else stdout
+    try:
+        passphrase = read_passphrase(args)
+        ssid = args.ssid.encode("utf-8")
+        if not 1 <= len(ssid) <= 32:
+            raise UsageError("--ssid must be 1–32 bytes of UTF-8")
+        config = PhoneConfig()
+        if cloud is None:
+            config, _store = cloud_config(args)
+            if not config.complete:
+                raise UsageError(
+                    f"no cloud configured: pass --cloud and --token (or set {ENV_CLOUD_URL} "
+                    f"and {ENV_TOKEN})"
+                )
+    except UsageError as exc:
+        print(f"doorstep phone pair: {exc}", file=stderr)
+        return EXIT_USAGE
+    try:
+        if central is None:
+            central = make_central(getattr(args, "adapter", None))
+        if cloud is None:
+            cloud = make_cloud(config)
+    except Exception as exc:
+        print(f"doorstep phone pair: cannot start: {exc}", file=stderr)
+        return EXIT_ENVIRONMENT
+    try:
+        report = await pair(
+            central,
+            cloud,
+            args.device,
+            ssid,
+            passphrase,
+            yes=args.yes,
+            out=progress,
+            security=args.security,
+            scan_timeout=args.scan_timeout,
+            wait_checkin_s=args.wait_checkin,
+            ask=None if stdin is None else terminal_ask(progress, stdin),
+        )
+    except Exception as exc:  # outside DS1: the cloud unreachable, the token refused, no adapter
+        print(f"doorstep phone pair: {type(exc).__name__}: {exc}", file=stderr)
+        return EXIT_ENVIRONMENT
+    finally:
+        closer = getattr(cloud, "aclose", None)
+        if closer is not None:
+            with contextlib.suppress(Exception):
+                await closer()
+    if report.ok:
+        who = report.device.name if report.device else args.device
+        print(
+            f"Onboarded {who}: identifier {report.short_id}, {report.total_s:.1f} s", file=progress
+        )
+    else:
+        line = f"Failed ({int(report.status)} {report.status.name.lower()}): {report.message}"
+        if report.hint:
+            line += f" — {report.hint}"
+        print(line, file=progress)
+    if args.json:
+        print(json.dumps(summary(report, args.device), indent=2), file=stdout)
+    return int(report.status)
+
+
+# ---- doorstep phone (the app) ------------------------------------------------------------------
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    from phone.app import create_app
+    from phone.history import History
+
+    try:
+        config, store = cloud_config(args)
+    except UsageError as exc:
+        print(f"doorstep phone: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        central = make_central(getattr(args, "adapter", None))
+        cloud = make_cloud(config) if config.complete else None
+    except Exception as exc:
+        print(f"doorstep phone: cannot start: {exc}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    app = create_app(
+        central,
+        cloud,
+        History(default_history_path()),
+        config,
+        config_store=store,
+        cloud_factory=make_cloud,
+    )
+    app.run()
+    return 0

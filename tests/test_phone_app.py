@@ -1,0 +1,370 @@
+"""The phone app driven with Pilot against a real device runtime on the in-memory air.
+
+No mocks: the device is ``DeviceRuntime`` with its storage and Wi-Fi
+environment, the cloud is ``LocalBindService`` (the cloud's computations
+in-process) with a small owner registry, and the app runs ``Onboarding``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual.widgets import DataTable, Digits, Input, Static
+
+from ble.memory import MemoryAir
+from ble.profile import AdvState, DeviceStatus, Sighting
+from onboarding_helpers import ScriptedDeviceUser
+from phone.app import NearbyDevices, StageBoard
+from phone.commissioner import Stage, StageState
+from phone.history import History
+from phone.screens import (
+    EMPTY_NEARBY,
+    ChooseNetworkScreen,
+    ConfirmCodeScreen,
+    ConfirmScreen,
+    DevicesScreen,
+    MyDevicesScreen,
+    PairingScreen,
+    ResultScreen,
+)
+from phone_helpers import (
+    DEVICE_NAME,
+    HOME_PASSPHRASE,
+    app_for,
+    memory_rig,
+    type_into,
+    wait_for_device,
+    wait_screen,
+    wait_until,
+)
+from protocol.errors import Status
+
+
+def _text(screen: object, selector: str) -> str:
+    from textual.screen import Screen
+
+    assert isinstance(screen, Screen)
+    return str(screen.query_one(selector, Static).render())
+
+
+async def test_pair_from_list_to_success(tmp_path: Path) -> None:
+    async with memory_rig(tmp_path) as rig:
+        history = History.in_memory()
+        app = app_for(rig.central, rig.cloud, history=history)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for_device(pilot)
+            await pilot.press("enter")
+            confirm = await wait_screen(pilot, ConfirmCodeScreen)
+            assert confirm.device.model == "Doorstep Lamp L1"
+            assert confirm.query_one(Digits).value == f"{confirm.sas[:3]} {confirm.sas[3:]}"
+            await pilot.press("y")
+
+            choose = await wait_screen(pilot, ChooseNetworkScreen)
+            networks = choose.query_one("#networks", DataTable)
+            assert networks.row_count == 7  # six from the device's scan + "Other network…"
+            assert choose.query_one("#ssid", Input).value == "DoorstepHome"  # strongest first
+            await pilot.press("enter")  # pick the highlighted network → passphrase
+            assert choose.query_one("#passphrase", Input).has_focus
+            await pilot.press(*HOME_PASSPHRASE)
+            assert choose.query_one("#passphrase", Input).password  # masked
+            await pilot.press("enter")
+
+            result = await wait_screen(pilot, ResultScreen)
+            report = result.outcome.report
+            assert report.ok and report.checked_in
+            assert report.short_id in _text(result, "#summary")
+            # both ends showed the same code (§5.5)
+            assert rig.user.requests[0].sas == confirm.sas
+            assert rig.runtime.state.active is not None
+            assert rig.runtime.state.active.identifier == report.identifier
+            (entry,) = await history.recent()
+            assert entry.ok and entry.identifier == report.short_id
+            assert entry.model == "Doorstep Lamp L1" and entry.device_name == DEVICE_NAME
+
+            await pilot.press("enter")
+            await wait_screen(pilot, DevicesScreen)
+            await wait_for_device(pilot)
+            table = app.screen.query_one("#devices", DataTable)
+            row = [str(c) for c in table.get_row_at(0)]
+            assert row[1] == "Doorstep Lamp L1"  # model known now
+            assert row[2].startswith("set up")
+
+
+async def test_wrong_passphrase_then_corrected_in_same_session(tmp_path: Path) -> None:
+    async with memory_rig(tmp_path) as rig:
+        app = app_for(rig.central, rig.cloud)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for_device(pilot)
+            await pilot.press("enter")
+            await wait_screen(pilot, ConfirmCodeScreen)
+            await pilot.press("y")
+            first = await wait_screen(pilot, ChooseNetworkScreen)
+            await type_into(pilot, "#passphrase", "not the passphrase")
+            await pilot.press("enter")
+
+            # the same flow asks again, with the failure shown
+            await wait_until(
+                pilot,
+                lambda: app.screen is not first and isinstance(app.screen, ChooseNetworkScreen),
+            )
+            retry = await wait_screen(pilot, ChooseNetworkScreen)
+            assert retry.failure is not None and retry.failure.status is Status.WIFI_AUTH_FAILED
+            banner = _text(retry, "#failure")
+            assert "passphrase was not accepted" in banner
+            assert "Try another network/passphrase" in str(retry.query_one(".title").render())
+            assert retry.query_one("#ssid", Input).value == "DoorstepHome"
+            assert retry.query_one("#passphrase", Input).value == ""  # never kept
+            await type_into(pilot, "#passphrase", HOME_PASSPHRASE)
+            await pilot.press("enter")
+
+            result = await wait_screen(pilot, ResultScreen)
+            assert result.outcome.report.ok
+            assert len(rig.cloud.cloud.answers) == 1  # one session, one bind/start
+            assert len(rig.user.requests) == 1  # same SSID: the device asked once
+
+
+async def test_invalid_passphrase_is_refused_inline_before_sending(tmp_path: Path) -> None:
+    async with memory_rig(tmp_path) as rig:
+        app = app_for(rig.central, rig.cloud)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for_device(pilot)
+            await pilot.press("enter")
+            await wait_screen(pilot, ConfirmCodeScreen)
+            await pilot.press("y")
+            choose = await wait_screen(pilot, ChooseNetworkScreen)
+            await type_into(pilot, "#passphrase", "short")
+            await pilot.press("enter")
+            await pilot.pause()
+            assert app.screen is choose
+            assert "8–63 printable ASCII" in _text(choose, "#error")
+            assert rig.user.requests == []  # nothing reached the device
+            # reveal toggle
+            await pilot.press("ctrl+r")
+            assert not choose.query_one("#passphrase", Input).password
+            await pilot.press("escape")  # give up: back to the list
+            await wait_screen(pilot, DevicesScreen)
+            await wait_until(pilot, lambda: rig.runtime.session is None)
+            assert rig.runtime.current_status().state is AdvState.UNPROVISIONED
+
+
+async def test_rejecting_the_code(tmp_path: Path) -> None:
+    async with memory_rig(tmp_path) as rig:
+        app = app_for(rig.central, rig.cloud)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for_device(pilot)
+            await pilot.press("enter")
+            await wait_screen(pilot, ConfirmCodeScreen)
+            await pilot.press("n")
+            result = await wait_screen(pilot, ResultScreen)
+            report = result.outcome.report
+            assert report.status is Status.REJECTED_BY_USER and report.stage is Stage.CONFIRM
+            summary = _text(result, "#summary")
+            assert "The pairing was rejected." in summary
+            assert "Start again if this was a mistake." in summary
+            await wait_until(pilot, lambda: rig.runtime.session is None)
+            assert rig.runtime.state.pending is None and rig.runtime.state.active is None
+            await pilot.press("enter")
+            await wait_screen(pilot, DevicesScreen)
+
+
+async def test_device_disappears_mid_pairing(tmp_path: Path) -> None:
+    # The device's user never answers, so the flow waits in "Join Wi-Fi" when the device goes.
+    async with memory_rig(tmp_path, user=ScriptedDeviceUser(answer=None)) as rig:
+        app = app_for(rig.central, rig.cloud, fade_after_s=0.2, drop_after_s=0.5)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for_device(pilot)
+            await pilot.press("enter")
+            await wait_screen(pilot, ConfirmCodeScreen)
+            await pilot.press("y")
+            await wait_screen(pilot, ChooseNetworkScreen)
+            await type_into(pilot, "#passphrase", HOME_PASSPHRASE)
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: bool(rig.user.requests))
+            await wait_screen(pilot, PairingScreen)
+            assert app.board.rows[Stage.JOIN].state is StageState.RUNNING
+
+            await rig.stop()  # power off: the peripheral stops and the link drops
+
+            result = await wait_screen(pilot, ResultScreen)
+            report = result.outcome.report
+            assert report.status is Status.PROTOCOL_ERROR and report.stage is Stage.JOIN
+            assert "The connection to the device failed." in _text(result, "#summary")
+            await pilot.press("enter")
+            devices = await wait_screen(pilot, DevicesScreen)
+            await wait_until(pilot, lambda: not devices.query_one("#devices", DataTable).display)
+            assert EMPTY_NEARBY in _text(devices, "#empty")
+
+
+async def test_escape_cancels_and_device_returns_to_advertising(tmp_path: Path) -> None:
+    async with memory_rig(tmp_path, user=ScriptedDeviceUser(answer=None)) as rig:
+        history = History.in_memory()
+        app = app_for(rig.central, rig.cloud, history=history)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for_device(pilot)
+            await pilot.press("enter")
+            await wait_screen(pilot, ConfirmCodeScreen)
+            await pilot.press("y")
+            await wait_screen(pilot, ChooseNetworkScreen)
+            await type_into(pilot, "#passphrase", HOME_PASSPHRASE)
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: bool(rig.user.requests))
+            await wait_screen(pilot, PairingScreen)
+            assert rig.runtime.current_status().state is AdvState.BUSY
+            await pilot.press("escape")
+            await wait_screen(pilot, DevicesScreen)
+            await wait_until(pilot, lambda: rig.runtime.session is None)
+            assert rig.runtime.current_status().state is AdvState.UNPROVISIONED
+            assert rig.runtime.state.pending is None
+            (entry,) = await history.recent()
+            assert entry.status_name == "cancelled"
+            await wait_for_device(pilot)  # scanning again, the device is back
+
+
+async def test_my_devices_lists_and_unbinds(tmp_path: Path) -> None:
+    async with memory_rig(tmp_path) as rig:
+        history = History.in_memory()
+        app = app_for(rig.central, rig.cloud, history=history)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for_device(pilot)
+            await pilot.press("enter")
+            await wait_screen(pilot, ConfirmCodeScreen)
+            await pilot.press("y")
+            await wait_screen(pilot, ChooseNetworkScreen)
+            await type_into(pilot, "#passphrase", HOME_PASSPHRASE)
+            await pilot.press("enter")
+            result = await wait_screen(pilot, ResultScreen)
+            short = result.outcome.report.short_id
+            await pilot.press("m")
+            mine = await wait_screen(pilot, MyDevicesScreen)
+            owned = mine.query_one("#owned", DataTable)
+            await wait_until(pilot, lambda: owned.row_count == 1)
+            assert [str(c) for c in owned.get_row_at(0)][:3] == [
+                short,
+                "Doorstep Lamp L1",
+                "active",
+            ]
+            hist = mine.query_one("#history", DataTable)
+            assert str(hist.get_row_at(0)[3]) == short
+            await pilot.press("u")
+            await wait_screen(pilot, ConfirmScreen)
+            await pilot.press("y")
+            await wait_screen(pilot, MyDevicesScreen)
+            await wait_until(pilot, lambda: rig.cloud.unbound != [])
+            assert rig.cloud.unbound == [result.outcome.report.identifier]
+            await wait_until(pilot, lambda: not owned.display)
+            assert "No devices in your account yet." in _text(mine, "#owned-status")
+
+
+async def test_empty_state_then_device_appears(tmp_path: Path) -> None:
+    air = MemoryAir()
+    app = app_for(air.central(), None)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        devices = app.screen_stack[0]
+        assert isinstance(devices, DevicesScreen)
+        assert EMPTY_NEARBY in _text(devices, "#empty")
+        assert devices.query_one("#empty").display
+
+
+def test_nearby_order_and_fading() -> None:
+    def seen(address: str, rssi: int, state: AdvState) -> Sighting:
+        return Sighting(
+            address, f"Doorstep-{address[-5:].replace(':', '')}", rssi, DeviceStatus(state, 1)
+        )
+
+    nearby = NearbyDevices(fade_after_s=3, drop_after_s=6)
+    nearby.seen(seen("AA:00:00:00:00:01", -40, AdvState.PROVISIONED), 0)
+    nearby.seen(seen("AA:00:00:00:00:02", -80, AdvState.UNPROVISIONED), 0)
+    nearby.seen(seen("AA:00:00:00:00:03", -60, AdvState.UNPROVISIONED), 2)
+    order = [d.sighting.address[-2:] for d in nearby.rows(2)]
+    assert order == ["03", "02", "01"]  # unprovisioned first, then by signal
+    rows = nearby.rows(4)
+    assert [(d.sighting.address[-2:], d.faded) for d in rows] == [
+        ("03", False),
+        ("02", True),
+        ("01", True),
+    ]
+    assert [d.sighting.address[-2:] for d in nearby.rows(6.5)] == ["03"]  # the others dropped
+
+
+def test_stage_board_retry_resets_later_stages() -> None:
+    board = StageBoard()
+    board.update(Stage.CONNECT, StageState.RUNNING, "", 0.0)
+    board.update(Stage.VERIFY, StageState.RUNNING, "", 1.0)
+    assert board.rows[Stage.CONNECT].state is StageState.DONE
+    assert board.rows[Stage.CONNECT].elapsed == 1.0
+    board.update(Stage.NETWORK, StageState.RUNNING, "", 2.0)
+    board.update(Stage.JOIN, StageState.RUNNING, "DoorstepHome", 3.0)
+    board.update(Stage.JOIN, StageState.FAILED, "The Wi-Fi passphrase was not accepted.", 4.0)
+    board.update(Stage.JOIN, StageState.DONE, "", 4.0)
+    assert board.rows[Stage.JOIN].state is StageState.FAILED
+    board.update(Stage.NETWORK, StageState.RUNNING, "", 5.0)
+    assert board.rows[Stage.JOIN].state is None
+
+
+async def test_first_run_asks_for_settings(tmp_path: Path) -> None:
+    from phone.config import ConfigStore, PhoneConfig
+    from phone.screens import SettingsScreen
+
+    store = ConfigStore(tmp_path / "cfg" / "phone.json")
+    built: list[PhoneConfig] = []
+
+    def factory(config: PhoneConfig) -> object:
+        built.append(config)
+        return object()
+
+    air = MemoryAir()
+    app = app_for(
+        air.central(),
+        None,
+        config=PhoneConfig(),
+        config_store=store,
+        cloud_factory=factory,
+    )
+    async with app.run_test(size=(80, 24)) as pilot:
+        settings = await wait_screen(pilot, SettingsScreen)
+        assert settings.first_run
+        await type_into(pilot, "#url", "https://cloud.example")
+        await pilot.press("enter")
+        await pilot.press(*"secret-token-123456")
+        await pilot.press("enter")
+        await wait_screen(pilot, DevicesScreen)
+    assert store.load() == PhoneConfig("https://cloud.example", "secret-token-123456")
+    assert (store.path.stat().st_mode & 0o777) == 0o600
+    assert built == [PhoneConfig("https://cloud.example", "secret-token-123456")]
+
+
+async def test_saved_token_is_masked_in_settings(tmp_path: Path) -> None:
+    from phone.screens import SettingsScreen
+
+    air = MemoryAir()
+    app = app_for(air.central(), None)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        await pilot.press("s")
+        settings = await wait_screen(pilot, SettingsScreen)
+        token = settings.query_one("#token", Input)
+        assert token.value == ""
+        assert "0123456789abcdef" not in token.placeholder
+        assert token.placeholder.startswith("saved ••••••••cdef")
+
+
+async def test_giving_up_after_a_wifi_failure_shows_that_failure(tmp_path: Path) -> None:
+    async with memory_rig(tmp_path) as rig:
+        app = app_for(rig.central, rig.cloud)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for_device(pilot)
+            await pilot.press("enter")
+            await wait_screen(pilot, ConfirmCodeScreen)
+            await pilot.press("y")
+            first = await wait_screen(pilot, ChooseNetworkScreen)
+            await type_into(pilot, "#passphrase", "not the passphrase")
+            await pilot.press("enter")
+            await wait_until(
+                pilot,
+                lambda: app.screen is not first and isinstance(app.screen, ChooseNetworkScreen),
+            )
+            await pilot.press("escape")
+            result = await wait_screen(pilot, ResultScreen)
+            assert result.outcome.report.status is Status.WIFI_AUTH_FAILED
+            assert "Check the passphrase and try again." in _text(result, "#summary")
