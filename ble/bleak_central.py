@@ -389,6 +389,10 @@ class BleakCentral:
             rx = services.get_characteristic(RX_UUID)
             tx = services.get_characteristic(TX_UUID)
             info = services.get_characteristic(INFO_UUID)
+            if (rx is None or tx is None or info is None) and not client.is_connected:
+                # The device dropped us during service discovery (e.g. it is busy
+                # with another commissioner): a lost link, not a foreign device.
+                raise _Retry() from Disconnected(f"{address} disconnected during discovery")
             if rx is None or tx is None or info is None:
                 raise LinkError(
                     f"{address} does not host the DS1 service", code="not_a_doorstep_device"

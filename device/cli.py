@@ -100,7 +100,7 @@ async def _run(args: argparse.Namespace, factory: Any) -> int:
     from device.user import ScriptedUser, TerminalUser
     from device.wifi import WifiEnvironment
 
-    store = DeviceStore(args.state)
+    store = DeviceStore(args.state, owner=True)
     wifi = WifiEnvironment.load(args.wifi) if args.wifi else WifiEnvironment.default()
     cloud_url = args.cloud or os.environ.get("DOORSTEP_CLOUD_URL")
     checkin = None

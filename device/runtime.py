@@ -145,6 +145,7 @@ class DeviceRuntime:
         self.session: DeviceSession | None = None
         self._inbox: asyncio.Queue[_Item] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._saves: set[asyncio.Task[None]] = set()
         self._checkin_task: asyncio.Task[None] | None = None
         self._status: DeviceStatus | None = None
         self._save_lock = asyncio.Lock()
@@ -230,6 +231,8 @@ class DeviceRuntime:
             pump.cancel()
             for task in list(self._tasks):
                 task.cancel()
+            if self._saves:  # a power-off is kill -9; an orderly stop finishes its saves
+                await asyncio.gather(*self._saves, return_exceptions=True)
             if self._checkin_task is not None:
                 self._checkin_task.cancel()
             with contextlib.suppress(Exception):
@@ -361,7 +364,7 @@ class DeviceRuntime:
             elif isinstance(event, Provisioned):
                 self.gate.close_window()
                 self._start_checkin()
-                self._spawn(self._save())
+                self._spawn_save()
             elif isinstance(event, SessionEnded):
                 await self._session_ended(session, event, disconnect)
 
@@ -369,7 +372,7 @@ class DeviceRuntime:
         self, session: DeviceSession, event: SessionEnded, disconnect: bool
     ) -> None:
         self.gate.session_ended(sent_m2=event.sent_m2, accepted_m3=event.accepted_m3)
-        self._spawn(self._save())
+        self._spawn_save()
         log.info("session ended: %s (%s)", event.status.name, event.reason)
         if self.session is session:
             self.session = None
@@ -377,6 +380,12 @@ class DeviceRuntime:
             with contextlib.suppress(Exception):
                 await self.peripheral.disconnect()
         await self.user.show(self._describe())
+
+    def _spawn_save(self) -> None:
+        """Save in the background; stopping the device waits for it (never cancels it)."""
+        task: asyncio.Task[None] = asyncio.ensure_future(self._save())
+        self._saves.add(task)
+        task.add_done_callback(self._saves.discard)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

@@ -354,8 +354,21 @@ def _newest(readings: list[_SlotReading]) -> tuple[int, str, DeviceState] | None
 class DeviceStore:
     """Two checksummed slots in ``directory``; see the module docstring."""
 
-    def __init__(self, directory: Path, *, crash_point: Callable[[str], None] = _no_crash) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        owner: bool = False,
+        crash_point: Callable[[str], None] = _no_crash,
+    ) -> None:
+        """``owner``: this process is the device (it boots from this state).
+
+        Only the owner removes temporary files left by an interrupted save; a
+        reader (``doorstep device show``) must not, or it could delete the temp
+        file of a save the running device has in flight.
+        """
         self.directory = Path(directory)
+        self._owner = owner
         self._crash_point = crash_point
         self._lock = threading.Lock()
         self._recovered = False
@@ -423,7 +436,8 @@ class DeviceStore:
             if stat.S_IMODE(info.st_mode) != DIR_MODE:
                 # It holds key material: nobody else may list or read it.
                 os.chmod(self.directory, DIR_MODE)
-            self._remove_stale_temps()
+            if self._owner:
+                self._remove_stale_temps()
         except StorageError:
             raise
         except OSError as exc:

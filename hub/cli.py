@@ -76,7 +76,7 @@ def _say(message: str) -> None:
 async def _run(args: argparse.Namespace, factory: Any, cloud_url: str) -> int:
     from device.storage import DeviceStore
 
-    store = DeviceStore(args.state)
+    store = DeviceStore(args.state, owner=True)
     state = store.load()
     if state.active is None:
         _say("not onboarded yet: advertising as a device for the phone app")

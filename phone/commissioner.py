@@ -326,8 +326,24 @@ class Onboarding:
 
     async def _flush(self) -> None:
         assert self._session is not None and self._link is not None
-        for fragment in self._session.data_to_send():
-            await self._link.write(fragment)
+        try:
+            for fragment in self._session.data_to_send():
+                await self._link.write(fragment)
+        except LinkError:
+            # A device that refuses (ERROR 9/10/12) disconnects at once, which can
+            # beat our write's response: read what it already said before blaming
+            # the link, so the user sees "not in pairing mode", not "link failed".
+            await self._read_last_words()
+            raise
+
+    async def _read_last_words(self) -> None:
+        assert self._session is not None and self._link is not None
+        with contextlib.suppress(LinkError):
+            while not self._session.closed:
+                data = await self._link.receive(0.2)
+                for event in self._session.receive_fragment(data):
+                    if isinstance(event, SessionEnded) and event.by_device:
+                        raise OnboardingError(event.status, event.reason)
 
     async def _next_events(self) -> list[CommissionerEvent]:
         """Wait for the device until the session produces events (or a timer fires)."""

@@ -274,7 +274,7 @@ def test_power_loss_at_every_step_leaves_old_or_new(tmp_path: Path, step: str, m
     returncode = run_crasher(directory, step, mode)
     assert returncode == (-9 if mode == "sigkill" else EXIT_CODE)
 
-    store = DeviceStore(directory)  # the reboot
+    store = DeviceStore(directory, owner=True)  # the reboot
     assert set(os.listdir(directory)) == set(SLOT_NAMES)  # stale temp file cleaned up
     loaded = store.load()
     assert loaded in (old, new)
