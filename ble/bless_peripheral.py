@@ -80,6 +80,9 @@ def _plain(value: Any) -> Any:
     return value.value if hasattr(value, "signature") and hasattr(value, "value") else value
 
 
+STOP_CALL_S = 2.0  # bound on each D-Bus call while stopping
+
+
 class BlessPeripheral:
     """``Peripheral`` on bless/BlueZ; one instance per device (one bus connection)."""
 
@@ -208,12 +211,15 @@ class BlessPeripheral:
         server = self._server
         if server is None:
             return
-        await self.disconnect()
+        # Each D-Bus call is bounded: a bus that went away (the simulator or
+        # bluetoothd stopped) must not make a stopping device hang.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.disconnect(), STOP_CALL_S)
         self._server = None
         with contextlib.suppress(Exception):
-            await self._unregister_advertisement(server)
+            await asyncio.wait_for(self._unregister_advertisement(server), STOP_CALL_S)
         with contextlib.suppress(Exception):
-            await server.app.unregister(server.adapter)
+            await asyncio.wait_for(server.app.unregister(server.adapter), STOP_CALL_S)
         with contextlib.suppress(Exception):
             server.bus.unexport(server.app.path, server.app)
         for task in list(self._tasks):

@@ -292,21 +292,30 @@ class Stack:
     # ---- stop --------------------------------------------------------------------
 
     async def stop(self) -> None:
-        """Stop everything, devices first and the simulator last; SIGKILL stragglers."""
-        order = sorted(self._procs, key=lambda p: {"sim": 2, "cloud": 1}.get(p.name, 0))
-        for p in order:
-            p.expected_exit = True
-            if p.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.process.pid, signal.SIGTERM)
-        for p in order:
-            try:
-                await asyncio.wait_for(p.process.wait(), 8)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.process.pid, signal.SIGKILL)
-                await p.process.wait()
+        """Stop everything in waves: devices and hubs, then the cloud, then the simulator.
+
+        Each wave is signalled together and waited for before the next, so no
+        device loses its D-Bus while it shuts down; stragglers get SIGKILL.
+        """
+        rank = {"sim": 2, "cloud": 1}
+        for wave in (0, 1, 2):
+            procs = [p for p in self._procs if rank.get(p.name, 0) == wave]
+            for p in procs:
+                p.expected_exit = True
+                if p.process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(p.process.pid, signal.SIGTERM)
+            await asyncio.gather(*(self._reap(p) for p in procs))
         self._procs.clear()
+
+    @staticmethod
+    async def _reap(p: Proc, grace: float = 8.0) -> None:
+        try:
+            await asyncio.wait_for(p.process.wait(), grace)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.process.pid, signal.SIGKILL)
+            await p.process.wait()
 
     def describe(self) -> dict[str, object]:
         return {

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import aiosqlite
 
@@ -50,8 +51,16 @@ class OnboardingRecord:
     timings: dict[str, float]
 
 
+IN_PROGRESS = -1  # status of a row whose onboarding has not ended (yet, or ever: hub killed)
+
+
 class HubRegistry:
-    """One row per onboarding attempt; ``final`` marks the last word on a device."""
+    """One row per onboarding attempt; ``final`` marks the last word on a device.
+
+    A row is written when an attempt starts (status ``IN_PROGRESS``) and
+    completed when it ends, so an attempt cut short by a crash is still known
+    after a restart and can be settled against the cloud.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -86,6 +95,54 @@ class HubRegistry:
         if self._db is None:
             raise RuntimeError("registry is not open")
         return self._db
+
+    async def begin(self, address: str, name: str, attempt: int, started_at: float) -> int:
+        """Note an attempt as it starts; returns its row id."""
+        cursor = await self.db.execute(
+            "INSERT INTO onboardings (address, name, status, status_name, stage, message, "
+            "attempt, final, started_at, duration_s, timings) "
+            "VALUES (?, ?, ?, 'in_progress', 'Connect', 'in progress', ?, 0, ?, 0, '{}')",
+            (address, name, IN_PROGRESS, attempt, started_at),
+        )
+        await self.db.commit()
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    async def note_device(self, row_id: int, dev_id: str, model: str) -> None:
+        """The cloud named the device (after bind/start): enough to settle it later."""
+        await self.db.execute(
+            "UPDATE onboardings SET dev_id = ?, model = ? WHERE id = ?", (dev_id, model, row_id)
+        )
+        await self.db.commit()
+
+    async def finish(self, row_id: int, rec: OnboardingRecord) -> None:
+        await self.db.execute(
+            "UPDATE onboardings SET model = ?, dev_id = ?, identifier = ?, status = ?, "
+            "status_name = ?, stage = ?, message = ?, final = ?, duration_s = ?, timings = ? "
+            "WHERE id = ?",
+            (
+                rec.model,
+                rec.dev_id,
+                rec.identifier,
+                rec.status,
+                rec.status_name,
+                rec.stage,
+                rec.message,
+                int(rec.final),
+                rec.duration_s,
+                json.dumps(rec.timings),
+                row_id,
+            ),
+        )
+        await self.db.commit()
+
+    async def unfinished(self) -> list[tuple[int, OnboardingRecord]]:
+        async with self.db.execute(
+            f"SELECT id, {_COLUMNS} FROM onboardings WHERE status = ? ORDER BY id",  # noqa: S608 - constant columns
+            (IN_PROGRESS,),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [(r[0], _row(r[1:])) for r in rows]
 
     async def record(self, rec: OnboardingRecord) -> None:
         await self.db.execute(
@@ -149,6 +206,31 @@ class HubRegistry:
             "SELECT DISTINCT address FROM onboardings WHERE final = 1"
         ) as cursor:
             return {row[0] for row in await cursor.fetchall()}
+
+
+_COLUMNS = (
+    "address, name, model, dev_id, identifier, status, status_name, stage, message, attempt, "
+    "final, started_at, duration_s, timings"
+)
+
+
+def _row(r: Any) -> OnboardingRecord:
+    return OnboardingRecord(
+        r[0],
+        r[1],
+        r[2],
+        r[3],
+        r[4],
+        r[5],
+        r[6],
+        r[7],
+        r[8],
+        r[9],
+        bool(r[10]),
+        r[11],
+        r[12],
+        json.loads(r[13]),
+    )
 
 
 def now() -> float:

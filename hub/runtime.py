@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
@@ -42,6 +42,20 @@ log = logging.getLogger("doorstep.hub")
 
 # Outcomes worth another try: the radio, a busy device, a lost or slow answer.
 TRANSIENT = frozenset({Status.PROTOCOL_ERROR, Status.TIMED_OUT, Status.BUSY})
+
+
+class OwnedDeviceView(Protocol):
+    @property
+    def dev_id(self) -> bytes: ...
+
+    @property
+    def identifier(self) -> bytes: ...
+
+
+class HubCloud(BindService, Protocol):
+    """The bind flow plus the owner view, both signed with the hub's identity."""
+
+    async def list_devices(self) -> Sequence[OwnedDeviceView]: ...
 
 
 class Operator(Protocol):
@@ -91,9 +105,10 @@ class HubStats:
 class _DeviceDelegate:
     """The flow's delegate for one device: operator for the code, the hub's Wi-Fi for the network."""
 
-    def __init__(self, hub: HubCommissioner, pending: PendingDevice) -> None:
+    def __init__(self, hub: HubCommissioner, pending: PendingDevice, row_id: int) -> None:
         self.hub = hub
         self.pending = pending
+        self.row_id = row_id
 
     async def stage_changed(self, stage: Stage, state: StageState, detail: str) -> None:
         if stage in (Stage.CONNECT, Stage.VERIFY, Stage.SECURE):
@@ -105,6 +120,9 @@ class _DeviceDelegate:
 
     async def confirm_code(self, device: DeviceSummary, sas: str) -> bool:
         self.pending.model, self.pending.sas = device.model, sas
+        # From here on the device may end up onboarded even if the hub dies:
+        # the registry must know which device this row is about.
+        await self.hub.registry.note_device(self.row_id, device.dev_id.hex(), device.model)
         self.pending.progress = DeviceProgress.AWAITING_OPERATOR
         self.hub.changed()
         return await self.hub.operator.confirm(self.pending)
@@ -119,7 +137,7 @@ class HubCommissioner:
     def __init__(
         self,
         central: Central,
-        cloud: BindService,
+        cloud: HubCloud,
         operator: Operator,
         wifi: NetworkChoice,
         registry: HubRegistry,
@@ -149,6 +167,8 @@ class HubCommissioner:
         self._slots = asyncio.Semaphore(max_parallel)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._finished: set[str] = set()
+        self._unfinished: dict[str, int] = {}  # address → row of an attempt cut short
+        self._settling: asyncio.Task[None] | None = None
         self.idle = asyncio.Event()
 
     def changed(self) -> None:
@@ -159,6 +179,8 @@ class HubCommissioner:
         """Scan and onboard until ``stop`` is set."""
         stop = stop or asyncio.Event()
         self._finished = await self.registry.finished_addresses()
+        self._unfinished = {rec.address: row for row, rec in await self.registry.unfinished()}
+        await self.settle()
         try:
             while not stop.is_set():
                 async for sighting in self.central.scan(timeout=self.scan_period_s):
@@ -182,6 +204,12 @@ class HubCommissioner:
         if address in self._tasks or address in self._finished:
             return
         status = sighting.status
+        if (
+            status.state is AdvState.PROVISIONED
+            and address in self._unfinished
+            and (self._settling is None or self._settling.done())
+        ):
+            self._settling = asyncio.create_task(self.settle())
         if status.state is not AdvState.UNPROVISIONED or not status.window_open:
             return
         pending = known or PendingDevice(address, sighting.name, sighting.rssi, self.clock())
@@ -193,19 +221,26 @@ class HubCommissioner:
         self.changed()
 
     async def _onboard(self, pending: PendingDevice) -> None:
+        interrupted = self._unfinished.pop(pending.address, None)
+        if interrupted is not None:  # an attempt a crash cut short, and the device is back
+            await self._finish(interrupted, pending, None, final=False)
         for attempt in range(1, self.max_attempts + 1):
             pending.attempts = attempt
             async with self._slots:
                 started = time.time()
+                row_id = await self.registry.begin(pending.address, pending.name, attempt, started)
                 flow = Onboarding(
-                    self.central, self.cloud, _DeviceDelegate(self, pending), wait_checkin_s=0
+                    self.central,
+                    self.cloud,
+                    _DeviceDelegate(self, pending, row_id),
+                    wait_checkin_s=0,
                 )
                 report = await flow.run(pending.address, pending.name)
                 retry = report.status in TRANSIENT and attempt < self.max_attempts
                 self._settle(pending, report, retry, attempt)  # before the slot is freed
             self.stats.reports.append(report)
             final = not retry and report.status is not Status.WINDOW_CLOSED
-            await self._record(pending, report, attempt, final, started)
+            await self._finish(row_id, pending, report, final=final)
             if retry:
                 await asyncio.sleep(self.retry_base_s * 2 ** (attempt - 1))
                 continue
@@ -213,6 +248,43 @@ class HubCommissioner:
                 self._finished.add(pending.address)
             log.info("%s: %s (%s)", pending.name, report.status.name, report.message)
             return
+
+    async def settle(self) -> None:
+        """Settle attempts a crash cut short: the cloud says which devices got onboarded."""
+        if not self._unfinished:
+            return
+        try:
+            owned = {d.dev_id.hex(): d for d in await self.cloud.list_devices()}
+        except Exception as exc:
+            log.info("cannot settle interrupted onboardings yet: %s", exc)
+            return
+        for row_id, rec in await self.registry.unfinished():
+            device = owned.get(rec.dev_id or "")
+            if device is None or rec.address not in self._unfinished:
+                continue
+            await self.registry.finish(
+                row_id,
+                OnboardingRecord(
+                    rec.address,
+                    rec.name,
+                    rec.model,
+                    rec.dev_id,
+                    device.identifier.hex(),
+                    int(Status.OK),
+                    "ok",
+                    Stage.DONE.value,
+                    "onboarded (confirmed by the cloud after the hub restarted)",
+                    rec.attempt,
+                    True,
+                    rec.started_at,
+                    0.0,
+                    {},
+                ),
+            )
+            del self._unfinished[rec.address]
+            self._finished.add(rec.address)
+            self.stats.onboarded += 1
+            self.changed()
 
     def _settle(
         self, pending: PendingDevice, report: OnboardingReport, retry: bool, attempt: int
@@ -233,31 +305,36 @@ class HubCommissioner:
             self.stats.failed += 1
         self.changed()
 
-    async def _record(
+    async def _finish(
         self,
+        row_id: int,
         pending: PendingDevice,
-        report: OnboardingReport,
-        attempt: int,
+        report: OnboardingReport | None,
+        *,
         final: bool,
-        started: float,
     ) -> None:
-        await self.registry.record(
+        if report is None:
+            status, message, stage = Status.PROTOCOL_ERROR, "interrupted: the hub restarted", ""
+        else:
+            status, message, stage = report.status, report.message, report.stage.value
+        await self.registry.finish(
+            row_id,
             OnboardingRecord(
                 address=pending.address,
                 name=pending.name,
-                model=report.device.model if report.device else None,
-                dev_id=report.device.dev_id.hex() if report.device else None,
-                identifier=report.identifier.hex() if report.identifier else None,
-                status=int(report.status),
-                status_name=report.status.name.lower(),
-                stage=report.stage.value,
-                message=report.message,
-                attempt=attempt,
+                model=report.device.model if report and report.device else pending.model or None,
+                dev_id=report.device.dev_id.hex() if report and report.device else None,
+                identifier=report.identifier.hex() if report and report.identifier else None,
+                status=int(status),
+                status_name=status.name.lower(),
+                stage=stage,
+                message=message,
+                attempt=pending.attempts,
                 final=final,
-                started_at=started,
-                duration_s=report.total_s,
-                timings={s.value: t for s, t in report.timings.items()},
-            )
+                started_at=0.0,
+                duration_s=report.total_s if report else 0.0,
+                timings={s.value: t for s, t in report.timings.items()} if report else {},
+            ),
         )
 
 

@@ -137,6 +137,10 @@ class LocalFleetBindService:
     async def wait_active(self, identifier: bytes, timeout: float) -> bool:
         return any(identifier in s.active for s in self.by_dev_id.values())
 
+    async def list_devices(self) -> list[BoundDevice]:
+        """The owner's view: devices whose bind completed."""
+        return self.completed
+
     async def checkin(self, identifier: bytes, k_dev: bytes, ack: bytes) -> None:
         for s in self.by_dev_id.values():
             if any(a.identity.identifier == identifier for a in s.cloud.answers):

@@ -250,8 +250,8 @@ async def test_killed_hub_leaves_devices_onboarded_or_advertising_and_resumes(
         shown = await asyncio.gather(*(device_show(stack, h.state_dir) for h in handles))
         assert [s["state"] for s in shown] == ["active"] * len(handles)
         assert all(s["network"] == "DoorstepHome" for s in shown)
-        # What the hub lists is right; a device that finished just as the hub
-        # died may be missing from it (see the xfail test below).
+        # What the hub lists is right, including devices that finished just as
+        # the hub died (settled against the cloud after the restart).
         rows = await poll(
             hub.devices,
             lambda rows: all(r["final"] for r in rows),
@@ -270,13 +270,6 @@ async def test_killed_hub_leaves_devices_onboarded_or_advertising_and_resumes(
         assert sorted(d["model"] for d in listed).count("Doorstep Lamp L1") == len(handles)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hub/runtime.py HubCommissioner._onboard writes the registry row only after the "
-    "flow returns; a device that stored its identity before the hub was killed checks in "
-    "(the cloud completes the bind on check-in) and is active, but the restarted hub never "
-    "sees it as unprovisioned again, so `doorstep hub devices` never lists it",
-)
 async def test_device_onboarded_as_the_hub_dies_is_listed_by_the_restarted_hub(
     tmp_path: Path,
 ) -> None:
@@ -299,4 +292,6 @@ async def test_device_onboarded_as_the_hub_dies_is_listed_by_the_restarted_hub(
         await hub.start(confirm="accept", max_parallel=1)
         await hub.wait_line("accepting devices", timeout=30)
         await asyncio.sleep(3)  # a few scan periods
-        assert [r["name"] for r in await hub.devices()] == [device.name]
+        rows = await hub.devices()
+        assert [r["name"] for r in rows] == [device.name]
+        assert rows[0]["status"] == 0 and rows[0]["final"]  # settled against the cloud
