@@ -32,8 +32,8 @@ from protocol.errors import (
     Status,
     peer_status,
 )
-from protocol.framing import MIN_FRAGMENT_PAYLOAD, Reassembler, fragment
-from protocol.handshake import BindStartRequest, CommissionerHandshake, HandshakeResult
+from protocol.framing import MIN_FRAGMENT_PAYLOAD
+from protocol.handshake import BindStartRequest, CommissionerHandshake
 from protocol.messages import (
     Challenge,
     Close,
@@ -50,13 +50,13 @@ from protocol.messages import (
     decode_inner,
     decode_message,
 )
+from protocol.session import Session
 from protocol.timers import (
     AWAIT_JOIN_START_S,
     DEVICE_ANSWER_S,
     RESULT_AFTER_JOIN_S,
     SESSION_S,
     Clock,
-    Timers,
     default_clock,
 )
 from protocol.wifi import validate_wifi
@@ -181,8 +181,13 @@ CommissionerEvent = (
 )
 
 
-class CommissionerSession:
+class CommissionerSession(
+    Session[CommissionerSessionState, CommissionerInput, CommissionerEvent, CommissionerTimer]
+):
     """One device connection on the commissioner (phone app or hub)."""
+
+    TABLE = COMMISSIONER_SESSION_TABLE  # type: ignore[assignment]
+    CLOSED = CommissionerSessionState.CLOSED
 
     def __init__(
         self,
@@ -191,48 +196,16 @@ class CommissionerSession:
         clock: Clock = default_clock,
         max_fragment: int = MIN_FRAGMENT_PAYLOAD,
     ) -> None:
-        self.state = C.IDLE
-        self.max_fragment = max_fragment
+        super().__init__(C.IDLE, clock, max_fragment)
         self._handshake = CommissionerHandshake(rng)
-        self._reassembler = Reassembler()
-        self._outbox: list[bytes] = []
-        self._events: list[CommissionerEvent] = []
-        self._timers: Timers[CommissionerTimer] = Timers(clock)
-        self._result: HandshakeResult | None = None
         self._wrapped_identity = b""
         self.end: SessionEnded | None = None
 
     # ---- plumbing -----------------------------------------------------------
 
     @property
-    def closed(self) -> bool:
-        return self.state is C.CLOSED
-
-    @property
-    def sas(self) -> str | None:
-        return self._result.sas if self._result else None
-
-    @property
     def transcript_hash(self) -> bytes | None:
         return self._result.th if self._result else None
-
-    def data_to_send(self) -> list[bytes]:
-        """Fragments to write to ``rx``, in order."""
-        out, self._outbox = self._outbox, []
-        return out
-
-    def _send(self, message: bytes) -> None:
-        self._outbox.extend(fragment(message, self.max_fragment))
-
-    def _send_inner(self, inner: InnerMessage) -> None:
-        assert self._result is not None
-        self._send(self._result.channel.seal(inner.encode()))
-
-    def _advance(self, event: CommissionerInput) -> None:
-        nxt = COMMISSIONER_SESSION_TABLE.get((self.state, event))
-        if nxt is None:
-            raise StateError(f"{event.name} not allowed in {self.state.name}")
-        self.state = nxt
 
     def _end(self, status: Status, reason: str, *, by_device: bool) -> None:
         if self.state is C.CLOSED:
@@ -242,10 +215,6 @@ class CommissionerSession:
         self._reassembler.reset()
         self.end = SessionEnded(status, reason, by_device)
         self._events.append(self.end)
-
-    def _drain(self) -> list[CommissionerEvent]:
-        out, self._events = self._events, []
-        return out
 
     # ---- calls from the application ----------------------------------------
 
@@ -384,9 +353,6 @@ class CommissionerSession:
             self._end(status, result.detail, by_device=True)
 
     # ---- timers ----------------------------------------------------------------
-
-    def next_deadline(self) -> float | None:
-        return self._timers.next_deadline()
 
     def handle_timer(self, now: float | None = None) -> list[CommissionerEvent]:
         expired = self._timers.expired(now)

@@ -37,8 +37,8 @@ from protocol.errors import (
     peer_status,
 )
 from protocol.factory import FactoryRecord
-from protocol.framing import MIN_FRAGMENT_PAYLOAD, Reassembler, fragment
-from protocol.handshake import DeviceHandshake, HandshakeResult
+from protocol.framing import MIN_FRAGMENT_PAYLOAD
+from protocol.handshake import DeviceHandshake
 from protocol.messages import (
     PROGRESS_TEXT,
     Auth,
@@ -57,13 +57,13 @@ from protocol.messages import (
     decode_message,
 )
 from protocol.schedule import bind_ack
+from protocol.session import Session
 from protocol.timers import (
     AWAIT_AUTH_S,
     AWAIT_HELLO_S,
     SESSION_S,
     USER_CONFIRM_S,
     Clock,
-    Timers,
     default_clock,
 )
 from protocol.wifi import WifiCredentials, validate_wifi
@@ -218,8 +218,11 @@ DeviceEvent = (
 )
 
 
-class DeviceSession:
+class DeviceSession(Session[DeviceSessionState, DeviceInput, DeviceEvent, DeviceTimer]):
     """One commissioner connection on the device."""
+
+    TABLE = DEVICE_SESSION_TABLE  # type: ignore[assignment]
+    CLOSED = DeviceSessionState.CLOSED
 
     def __init__(
         self,
@@ -232,17 +235,11 @@ class DeviceSession:
         clock: Clock = default_clock,
         max_fragment: int = MIN_FRAGMENT_PAYLOAD,
     ) -> None:
-        self.state = S.AWAIT_HELLO
-        self.max_fragment = max_fragment
+        super().__init__(S.AWAIT_HELLO, clock, max_fragment)
         self._factory = factory
         self._active_epoch = active_epoch
         self._handshake = DeviceHandshake(factory, reset_ctr=reset_ctr, fw=fw, rng=rng)
-        self._reassembler = Reassembler()
-        self._outbox: list[bytes] = []
-        self._events: list[DeviceEvent] = []
-        self._timers: Timers[DeviceTimer] = Timers(clock)
         self._timers.start(DeviceTimer.HELLO, AWAIT_HELLO_S)
-        self._result: HandshakeResult | None = None
         self._confirmed_ssid: bytes | None = None
         self._provision: Provision | None = None
         self._credentials: WifiCredentials | None = None
@@ -254,32 +251,6 @@ class DeviceSession:
         self._accepted_m3 = False
 
     # ---- plumbing ---------------------------------------------------------
-
-    @property
-    def closed(self) -> bool:
-        return self.state is S.CLOSED
-
-    @property
-    def sas(self) -> str | None:
-        return self._result.sas if self._result else None
-
-    def data_to_send(self) -> list[bytes]:
-        """Fragments to notify on ``tx``, in order."""
-        out, self._outbox = self._outbox, []
-        return out
-
-    def _send(self, message: bytes) -> None:
-        self._outbox.extend(fragment(message, self.max_fragment))
-
-    def _send_inner(self, inner: InnerMessage) -> None:
-        assert self._result is not None
-        self._send(self._result.channel.seal(inner.encode()))
-
-    def _advance(self, event: DeviceInput) -> None:
-        nxt = DEVICE_SESSION_TABLE.get((self.state, event))
-        if nxt is None:
-            raise StateError(f"{event.name} not allowed in {self.state.name}")
-        self.state = nxt
 
     def _end(self, status: Status, reason: str) -> None:
         if self.state is S.CLOSED:
@@ -302,10 +273,6 @@ class DeviceSession:
             self._end(status, exc.message)
         else:
             self._end(exc.status, exc.message)
-
-    def _drain(self) -> list[DeviceEvent]:
-        out, self._events = self._events, []
-        return out
 
     # ---- input from the link ----------------------------------------------
 
@@ -502,9 +469,6 @@ class DeviceSession:
         return self._drain()
 
     # ---- timers -------------------------------------------------------------
-
-    def next_deadline(self) -> float | None:
-        return self._timers.next_deadline()
 
     def handle_timer(self, now: float | None = None) -> list[DeviceEvent]:
         expired = self._timers.expired(now)
