@@ -93,16 +93,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 130
 
 
-async def _run(args: argparse.Namespace, factory: Any) -> int:
+def build_runtime(
+    factory: Any,
+    store: Any,
+    *,
+    confirm: str,
+    wifi_file: Path | None,
+    cloud_url: str | None,
+    adapter: str | None = None,
+    fw: str = "1.0.0",
+) -> tuple[Any, Any, Any]:
+    """A device runtime on the BlueZ peripheral: ``(runtime, user, checkin)``.
+
+    Shared by ``doorstep device run`` and the hub's first boot (a hub is a device first).
+    """
     from ble.bless_peripheral import BlessPeripheral
     from device.runtime import DeviceRuntime
-    from device.storage import DeviceStore
     from device.user import ScriptedUser, TerminalUser
     from device.wifi import WifiEnvironment
 
-    store = DeviceStore(args.state, owner=True)
-    wifi = WifiEnvironment.load(args.wifi) if args.wifi else WifiEnvironment.default()
-    cloud_url = args.cloud or os.environ.get("DOORSTEP_CLOUD_URL")
+    wifi = WifiEnvironment.load(wifi_file) if wifi_file else WifiEnvironment.default()
     checkin = None
     if cloud_url:
         from device.cloudlink import CloudCheckin
@@ -110,12 +120,26 @@ async def _run(args: argparse.Namespace, factory: Any) -> int:
         checkin = CloudCheckin(cloud_url)
     runtime: DeviceRuntime
     user: Any
-    if args.confirm == "prompt":
+    if confirm == "prompt":
         user = TerminalUser(on_button=lambda: runtime.press_button())
     else:
-        user = ScriptedUser(args.confirm == "accept", out=lambda m: print(m, flush=True))
-    runtime = DeviceRuntime(
-        factory, store, BlessPeripheral(args.adapter), wifi, user, checkin, fw=args.fw
+        user = ScriptedUser(confirm == "accept", out=lambda m: print(m, flush=True))
+    runtime = DeviceRuntime(factory, store, BlessPeripheral(adapter), wifi, user, checkin, fw=fw)
+    return runtime, user, checkin
+
+
+async def _run(args: argparse.Namespace, factory: Any) -> int:
+    from device.storage import DeviceStore
+    from device.user import TerminalUser
+
+    runtime, user, checkin = build_runtime(
+        factory,
+        DeviceStore(args.state, owner=True),
+        confirm=args.confirm,
+        wifi_file=args.wifi,
+        cloud_url=args.cloud or os.environ.get("DOORSTEP_CLOUD_URL"),
+        adapter=args.adapter,
+        fw=args.fw,
     )
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, runtime.press_button)

@@ -90,21 +90,12 @@ async def _run(args: argparse.Namespace, factory: Any, cloud_url: str) -> int:
 
 async def _device_phase(args: argparse.Namespace, factory: Any, store: Any, cloud_url: str) -> bool:
     """First boot: the hub is a device (the same runtime as any device)."""
-    from ble.bless_peripheral import BlessPeripheral
-    from device.cloudlink import CloudCheckin
-    from device.runtime import DeviceRuntime
-    from device.user import ScriptedUser, TerminalUser
-    from device.wifi import WifiEnvironment
+    from device.cli import build_runtime
+    from device.user import TerminalUser
 
-    wifi = WifiEnvironment.load(args.wifi) if args.wifi else WifiEnvironment.default()
-    checkin = CloudCheckin(cloud_url)
-    runtime: DeviceRuntime
-    user: Any
-    if args.confirm == "prompt":
-        user = TerminalUser(on_button=lambda: runtime.press_button())
-    else:
-        user = ScriptedUser(args.confirm == "accept", out=lambda m: print(m, flush=True))
-    runtime = DeviceRuntime(factory, store, BlessPeripheral(), wifi, user, checkin)
+    runtime, user, checkin = build_runtime(
+        factory, store, confirm=args.confirm, wifi_file=args.wifi, cloud_url=cloud_url
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, runtime.stop)
