@@ -117,6 +117,9 @@ async def _interactive(stack: Any) -> int:
     env["DOORSTEP_CLOUD_URL"] = stack.cloud_url
     env["DOORSTEP_TOKEN"] = stack.token
     env["XDG_CONFIG_HOME"] = str(stack.workdir / "config")
+    env["DOORSTEP_DEMO_HINT"] = (
+        f"Demo: the devices can join {DEMO_SSID!r} with the passphrase {DEMO_PASSPHRASE!r}."
+    )
     from demo.stack import doorstep_cmd
 
     app = await asyncio.create_subprocess_exec(

@@ -11,6 +11,7 @@ and never kept after the screen closes; the saved token is shown masked.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -323,6 +324,9 @@ class ChooseNetworkScreen(Screen[NetworkChoice | None]):
         with Vertical(id="choose"):
             if self.failure is None:
                 yield Label("Choose the network for the device", classes="title")
+                # Only `doorstep demo` sets this: its simulated home network's passphrase.
+                if hint_text := os.environ.get("DOORSTEP_DEMO_HINT", ""):
+                    yield Static(Text(hint_text, style="italic"), id="demo-hint")
             else:
                 what, hint = explain(self.failure.status)
                 yield Label("Try another network/passphrase", classes="title")
