@@ -144,30 +144,6 @@ class HubRegistry:
             rows = await cursor.fetchall()
         return [(r[0], _row(r[1:])) for r in rows]
 
-    async def record(self, rec: OnboardingRecord) -> None:
-        await self.db.execute(
-            "INSERT INTO onboardings (address, name, model, dev_id, identifier, status, "
-            "status_name, stage, message, attempt, final, started_at, duration_s, timings) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                rec.address,
-                rec.name,
-                rec.model,
-                rec.dev_id,
-                rec.identifier,
-                rec.status,
-                rec.status_name,
-                rec.stage,
-                rec.message,
-                rec.attempt,
-                int(rec.final),
-                rec.started_at,
-                rec.duration_s,
-                json.dumps(rec.timings),
-            ),
-        )
-        await self.db.commit()
-
     async def all(self) -> list[OnboardingRecord]:
         async with self.db.execute(
             "SELECT address, name, model, dev_id, identifier, status, status_name, stage, "
