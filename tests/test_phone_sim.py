@@ -79,10 +79,7 @@ async def test_wrong_passphrase_then_corrected(stack: Stack) -> None:
     handle = await fresh_device(stack)
     app, _cloud = phone(stack)
     async with app.run_test(size=(80, 24)) as pilot:
-        await wait_for_device(pilot, handle.name)
-        _select(app, handle.name)
-        await pilot.press("enter")
-        await wait_screen(pilot, ConfirmCodeScreen, 20)
+        await open_pairing(pilot, app, handle.name)
         await pilot.press("y")
         first = await wait_screen(pilot, ChooseNetworkScreen, 20)
         await type_into(pilot, "#passphrase", "not the passphrase")
@@ -104,10 +101,7 @@ async def test_rejecting_the_code_leaves_the_device_untouched(stack: Stack) -> N
     handle = await fresh_device(stack)
     app, _cloud = phone(stack)
     async with app.run_test(size=(80, 24)) as pilot:
-        await wait_for_device(pilot, handle.name)
-        _select(app, handle.name)
-        await pilot.press("enter")
-        await wait_screen(pilot, ConfirmCodeScreen, 20)
+        await open_pairing(pilot, app, handle.name)
         await pilot.press("n")
         result = await wait_screen(pilot, ResultScreen, 20)
         assert result.outcome.report.status is Status.REJECTED_BY_USER
@@ -120,10 +114,7 @@ async def test_device_that_disappears_mid_pairing(stack: Stack) -> None:
     handle = await fresh_device(stack)
     app, _cloud = phone(stack)
     async with app.run_test(size=(80, 24)) as pilot:
-        await wait_for_device(pilot, handle.name)
-        _select(app, handle.name)
-        await pilot.press("enter")
-        await wait_screen(pilot, ConfirmCodeScreen, 20)
+        await open_pairing(pilot, app, handle.name)
         await stack.stop_device(handle, signal.SIGKILL)  # the device loses power
         await pilot.press("y")
         # Its scan came with M4, so the loss shows when PROVISION goes out.
@@ -140,6 +131,14 @@ async def test_device_that_disappears_mid_pairing(stack: Stack) -> None:
         assert report.hint  # tells the user what to do next
         await pilot.press("enter")
         await wait_screen(pilot, DevicesScreen)
+
+
+async def open_pairing(pilot, app, name: str) -> ConfirmCodeScreen:  # type: ignore[no-untyped-def]
+    """Wait for ``name`` in the list, pair it, and wait for the code to compare."""
+    await wait_for_device(pilot, name)
+    _select(app, name)
+    await pilot.press("enter")
+    return await wait_screen(pilot, ConfirmCodeScreen, 20)
 
 
 def _select(app, name: str) -> list[object]:  # type: ignore[no-untyped-def]

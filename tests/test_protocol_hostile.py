@@ -434,16 +434,75 @@ def test_device_table_accepts_only_legal_moves(state: DeviceSessionState) -> Non
             assert events[-1].status is expected
 
 
+def _commissioner_in(state: CommissionerSessionState):
+    """A pair whose commissioner is in ``state`` (None if the test cannot reach it)."""
+    pair = make_pair()
+    com = pair.com
+    if state is CommissionerSessionState.IDLE:
+        return pair
+    if state is CommissionerSessionState.CLOSED:
+        com.start()
+        com.close()
+        return pair
+    com.start()
+    to_device(com, pair.dev)
+    if state is CommissionerSessionState.AWAIT_CHALLENGE:
+        return pair
+    pair.dev.admit()
+    (need,) = to_commissioner(pair.dev, com)
+    if state is CommissionerSessionState.AWAIT_CLOUD:
+        return pair
+    pair.answer = pair.cloud.bind_start(need.request)
+    com.cloud_answer(
+        ticket=pair.answer.ticket,
+        seal=pair.answer.seal,
+        session_secret=pair.answer.session_secret,
+        wrapped_identity=pair.answer.wrapped_identity,
+    )
+    if state is CommissionerSessionState.AWAIT_AUTH_OK:
+        return pair
+    if state is CommissionerSessionState.AWAIT_AUTH_OK_SCANNING:
+        com.scan()
+        return pair
+    to_device(com, pair.dev)
+    to_commissioner(pair.dev, com)
+    if state is CommissionerSessionState.SCANNING:
+        com.scan()
+    elif state is CommissionerSessionState.PROVISIONING:
+        com.provision(b"Home", "passphrase1", 1)
+    elif state is CommissionerSessionState.PROVISIONED:
+        com.provision(b"Home", "passphrase1", 1)
+        to_device(com, pair.dev)
+        pair.dev.user_decision(True)
+        pair.dev.joined()
+        pair.dev.stored()
+        to_commissioner(pair.dev, com)
+    return pair
+
+
+_APP_CALLS = {
+    CommissionerInput.START: lambda com: com.start(),
+    CommissionerInput.SCAN: lambda com: com.scan(),
+    CommissionerInput.PROVISION: lambda com: com.provision(b"Home", "passphrase1", 1),
+}
+
+
 @pytest.mark.parametrize("state", list(CommissionerSessionState))
 def test_commissioner_table_every_pair(state: CommissionerSessionState) -> None:
-    for inp in CommissionerInput:
+    """Every application call in every state: allowed exactly when the table says so."""
+    for inp, call in _APP_CALLS.items():
+        pair = _commissioner_in(state)
+        assert pair.com.state is state
+        pair.com.data_to_send()
         legal = (state, inp) in COMMISSIONER_SESSION_TABLE
-        # the table only ever moves forward or back to READY, and never out of CLOSED
-        if state is CommissionerSessionState.CLOSED:
-            assert not legal
         if legal:
-            target = COMMISSIONER_SESSION_TABLE[(state, inp)]
-            assert target is not CommissionerSessionState.IDLE
+            call(pair.com)
+            assert pair.com.state is COMMISSIONER_SESSION_TABLE[(state, inp)]
+            assert pair.com.data_to_send()  # the move put something on the air
+        else:
+            with pytest.raises(DS1Error):
+                call(pair.com)
+            assert pair.com.data_to_send() == []  # an illegal call sends nothing
 
 
 def test_commissioner_rejects_messages_out_of_order() -> None:
