@@ -311,6 +311,7 @@ class BleakCentral:
         deadline = time.monotonic() + timeout
         fresh = False  # target came from a look-up made by this call
         last: BaseException | None = None
+        tries = not_ds1 = 0  # failed attempts, and those that found no DS1 service
         for attempt in range(1, self.attempts + 1):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -333,6 +334,9 @@ class BleakCentral:
                 raise ConnectFailed(f"could not connect to {address} in {timeout:g} s") from exc
             except _Retry as exc:
                 last = exc.__cause__
+                tries += 1
+                if isinstance(last, LinkError) and last.code == "not_a_doorstep_device":
+                    not_ds1 += 1
                 log.info(
                     "connect to %s failed (attempt %d/%d): %s",
                     address,
@@ -344,6 +348,12 @@ class BleakCentral:
                     await asyncio.sleep(
                         min(self.backoff_s * attempt, max(0.0, deadline - time.monotonic()))
                     )
+        if (
+            isinstance(last, LinkError)
+            and last.code == "not_a_doorstep_device"
+            and not_ds1 == tries
+        ):
+            raise last
         detail = _text(last) if last is not None else "timed out"
         raise ConnectFailed(f"could not connect to {address}: {detail}")
 
@@ -389,12 +399,12 @@ class BleakCentral:
             rx = services.get_characteristic(RX_UUID)
             tx = services.get_characteristic(TX_UUID)
             info = services.get_characteristic(INFO_UUID)
-            if (rx is None or tx is None or info is None) and not client.is_connected:
-                # The device dropped us during service discovery (e.g. it is busy
-                # with another commissioner): a lost link, not a foreign device.
-                raise _Retry() from Disconnected(f"{address} disconnected during discovery")
             if rx is None or tx is None or info is None:
-                raise LinkError(
+                # Either not a Doorstep device, or one that dropped us during
+                # discovery (busy with another commissioner) before bleak saw the
+                # disconnect. Only the retries can tell: connect() reports a foreign
+                # device when every attempt sees the same missing service.
+                raise _Retry() from LinkError(
                     f"{address} does not host the DS1 service", code="not_a_doorstep_device"
                 )
             mtu = max(MIN_MTU, rx.max_write_without_response_size + 3)
