@@ -44,7 +44,7 @@ from cloud.errors import (
 from cloud.keys import KeyEncryptionKey, load_kek
 from cloud.service import BindService, BindStartInput, Principal
 from cloud.settings import ENV_DB, EntropySourceLike, Settings, default_database_url
-from cloud.store.registry import Registry, open_registry
+from cloud.store.registry import Registry, RegistryTransaction, open_registry
 
 log = logging.getLogger("doorstep.cloud")
 
@@ -444,12 +444,16 @@ async def _maintain(service: BindService, settings: Settings) -> None:
     while True:
         await asyncio.sleep(settings.maintenance_interval_s)
         try:
-            async with service.registry.transaction() as tx:
+            now = service.now()
+
+            async def prune(tx: RegistryTransaction, now: int = now) -> None:
                 await tx.prune(
-                    service.now(),
+                    now,
                     attempt_retention_s=settings.completion_window_s + 86400,
                     rate_window_s=settings.rate_window_s,
                 )
+
+            await service.registry.run(prune)
             await service.registry.checkpoint()
         except asyncio.CancelledError:
             raise

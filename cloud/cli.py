@@ -24,7 +24,7 @@ from cloud.errors import ConfigurationError
 from cloud.keys import ENV_KEK_FILE, PURPOSE_K_INIT, KeyEncryptionKey, load_kek, write_new_kek
 from cloud.service import BindService, hash_token
 from cloud.settings import ENV_DB, default_database_url
-from cloud.store.registry import Registry, open_registry
+from cloud.store.registry import DeviceRecord, Registry, RegistryTransaction, open_registry
 from protocol.encoding import b64url_encode
 from protocol.factory import FactoryRecord
 
@@ -187,8 +187,12 @@ async def register_factory_records(
     rows = [
         (r.dev_id, r.mac, r.model, kek.wrap(PURPOSE_K_INIT, r.dev_id, r.k_init)) for r in records
     ]
-    async with registry.transaction() as tx:
-        await tx.register_devices(rows, int(time.time()))
+    now = int(time.time())
+
+    async def body(tx: RegistryTransaction) -> None:
+        await tx.register_devices(rows, now)
+
+    await registry.run(body)
 
 
 def new_factory_record(model: str, rng: Callable[[int], bytes] = os.urandom) -> FactoryRecord:
@@ -273,10 +277,13 @@ def cmd_user_add(args: argparse.Namespace) -> int:
     async def run() -> int | None:
         registry = await open_registry(_db(args))
         try:
-            async with registry.transaction() as tx:
+
+            async def body(tx: RegistryTransaction) -> int | None:
                 if await tx.user_by_name(name) is not None:
                     return None
                 return await tx.add_user(name, hash_token(token), int(time.time()))
+
+            return await registry.run(body)
         finally:
             await registry.close()
 
@@ -293,10 +300,13 @@ def cmd_devices(args: argparse.Namespace) -> int:
     async def run() -> tuple[list[dict[str, Any]], int]:
         registry = await open_registry(_db(args))
         try:
-            async with registry.transaction() as tx:
-                devices = await tx.all_devices(args.limit)
-                names = await tx.user_names()
-                total = await tx.count_devices()
+
+            async def body(
+                tx: RegistryTransaction,
+            ) -> tuple[list[DeviceRecord], dict[int, str], int]:
+                return await tx.all_devices(args.limit), await tx.user_names(), await tx.count_devices()
+
+            devices, names, total = await registry.run(body)
         finally:
             await registry.close()
         rows = []

@@ -69,6 +69,7 @@ from cloud.store.registry import (
     IdentityRecord,
     Registry,
     RegistryTransaction,
+    UserRecord,
 )
 from protocol.cloudside import (
     Identity,
@@ -175,8 +176,12 @@ class BindService:
     # -- authentication -----------------------------------------------------------------
 
     async def authenticate_user(self, token: str) -> Principal:
-        async with self.registry.transaction() as tx:
-            user = await tx.user_by_token_hash(hash_token(token))
+        token_hash = hash_token(token)
+
+        async def body(tx: RegistryTransaction) -> UserRecord | None:
+            return await tx.user_by_token_hash(token_hash)
+
+        user = await self.registry.run(body)
         if user is None:
             raise Unauthorized("unknown bearer token", code="unauthorized")
         return Principal(f"user:{user.user_id}", user.user_id)
@@ -206,9 +211,12 @@ class BindService:
 
     async def authenticate_hub(self, header: str, method: str, path: str, body: bytes) -> Principal:
         """A hub: an active identity of a device that has an owner (§6.2)."""
-        async with self.registry.transaction() as tx:
+
+        async def run(tx: RegistryTransaction) -> tuple[IdentityRecord, DeviceRecord | None]:
             identity, _ = await self._verify_signature(tx, header, method, path, body)
-            device = await tx.device(identity.dev_id)
+            return identity, await tx.device(identity.dev_id)
+
+        identity, device = await self.registry.run(run)
         if identity.state != "active" or device is None:
             raise Unauthorized("hubs sign with their active identity", code="bad_signature")
         if device.owner_id is None:
@@ -218,8 +226,11 @@ class BindService:
     async def authenticate_device(
         self, header: str, method: str, path: str, body: bytes
     ) -> DeviceCaller:
-        async with self.registry.transaction() as tx:
-            identity, k_dev = await self._verify_signature(tx, header, method, path, body)
+
+        async def run(tx: RegistryTransaction) -> tuple[IdentityRecord, SecretBytes]:
+            return await self._verify_signature(tx, header, method, path, body)
+
+        identity, k_dev = await self.registry.run(run)
         return DeviceCaller(identity.identifier, k_dev)
 
     def _unwrap(self, purpose: bytes, owner: bytes, wrapped: bytes) -> bytes:
@@ -249,8 +260,6 @@ class BindService:
         except DS1Error as exc:
             raise problem_from_ds1(exc) from None
         now = self.now()
-        # 3. rate limits
-        await self._rate_limit(principal, challenge.dev_id, client_address, now)
         request_hash = hashlib.sha256(
             "\n".join(
                 (
@@ -262,11 +271,16 @@ class BindService:
                 )
             ).encode("utf-8")
         ).digest()
-        # 4. device checks, then the attempt, in one transaction
-        answer: bytes | None = None
-        async with self.registry.transaction() as tx:
+
+        async def body(tx: RegistryTransaction) -> bytes | RateLimited | None:
+            # 3. rate limits: their counts are kept even when the request is refused
+            limited = await self._rate_limit(tx, principal, challenge.dev_id, client_address, now)
+            if limited is not None:
+                return limited
+            # 4. device checks, then the attempt
             device = await tx.device(challenge.dev_id, lock=True)
             accepted = self._device_challenge_ok(device, m1, m2, challenge)
+            answer: bytes | None = None
             previous = await tx.replay(challenge.dev_id, challenge.n_d)
             if previous is not None:
                 answer = await self._identical_retry(tx, previous, principal, request_hash, now)
@@ -283,22 +297,28 @@ class BindService:
                     principal=principal.name,
                     detail="bind/start",
                 )
-            elif answer is None:
-                answer = await self._new_attempt(
-                    tx,
-                    device,
-                    principal,
-                    request_hash,
-                    m1,
-                    m2,
-                    challenge,
-                    commissioner_pub,
-                    commissioner_nonce,
-                    now,
-                )
-        if answer is None:
+                return None
+            if answer is not None:
+                return answer
+            return await self._new_attempt(
+                tx,
+                device,
+                principal,
+                request_hash,
+                m1,
+                m2,
+                challenge,
+                commissioner_pub,
+                commissioner_nonce,
+                now,
+            )
+
+        outcome = await self.registry.run(body)
+        if isinstance(outcome, RateLimited):
+            raise outcome
+        if outcome is None:
             raise DeviceRefused()
-        return answer
+        return outcome
 
     def _device_challenge_ok(
         self, device: DeviceRecord | None, m1: bytes, m2: bytes, challenge: Any
@@ -419,8 +439,14 @@ class BindService:
         return answer
 
     async def _rate_limit(
-        self, principal: Principal, dev_id: bytes, client_address: str, now: int
-    ) -> None:
+        self,
+        tx: RegistryTransaction,
+        principal: Principal,
+        dev_id: bytes,
+        client_address: str,
+        now: int,
+    ) -> RateLimited | None:
+        """Count this request in every bucket; the first one over its limit, if any."""
         window = self.settings.rate_window_s
         start = now - now % window
         checks = (
@@ -429,12 +455,10 @@ class BindService:
             (f"addr:{client_address}", self.settings.rate_per_address, "client address"),
         )
         exceeded: str | None = None
-        async with self.registry.transaction() as tx:
-            for bucket, limit, scope in checks:
-                if await tx.hit(bucket, start) > limit and exceeded is None:
-                    exceeded = scope
-        if exceeded is not None:
-            raise RateLimited(start + window - now, exceeded)
+        for bucket, limit, scope in checks:
+            if await tx.hit(bucket, start) > limit and exceeded is None:
+                exceeded = scope
+        return None if exceeded is None else RateLimited(start + window - now, exceeded)
 
     # -- §6.2 bind/complete and §6.4 check-in ----------------------------------------------
 
@@ -442,20 +466,23 @@ class BindService:
         attempt_id = _decode(attempt_text, 16, "attempt")
         ack = _decode(ack_text, 32, "ack")
         now = self.now()
-        async with self.registry.transaction() as tx:
+
+        async def body(tx: RegistryTransaction) -> bytes:
             attempt = await tx.attempt(attempt_id)
             if attempt is None or attempt.user_id != principal.user_id:
                 raise NotFound("no such attempt", code="unknown_attempt")
             device = await tx.device(attempt.dev_id, lock=True)
             attempt = await tx.attempt(attempt_id)  # re-read under the device lock
             assert device is not None and attempt is not None
-            body = await self._complete(tx, device, attempt, ack, now, via="bind_complete")
-        return body
+            return await self._complete(tx, device, attempt, ack, now, via="bind_complete")
+
+        return await self.registry.run(body)
 
     async def checkin(self, caller: DeviceCaller, ack_text: str) -> bytes:
         ack = _decode(ack_text, 32, "ack")
         now = self.now()
-        async with self.registry.transaction() as tx:
+
+        async def run(tx: RegistryTransaction) -> bytes:
             identity = await tx.identity(caller.identifier)
             if identity is None:
                 raise Unauthorized("unknown identifier", code="bad_signature")
@@ -470,7 +497,9 @@ class BindService:
             device = await tx.device(identity.dev_id)
             assert device is not None
             await self._activate(tx, device, identity, now)
-        return body
+            return body
+
+        return await self.registry.run(run)
 
     async def _complete(
         self,
@@ -598,8 +627,11 @@ class BindService:
         }
 
     async def devices(self, principal: Principal) -> list[dict[str, Any]]:
-        async with self.registry.transaction() as tx:
-            devices = await tx.devices_of(principal.user_id)
+
+        async def body(tx: RegistryTransaction) -> list[DeviceRecord]:
+            return await tx.devices_of(principal.user_id)
+
+        devices = await self.registry.run(body)
         return [self.device_view(device) for device in devices]
 
     async def _owned_device(
@@ -620,13 +652,16 @@ class BindService:
         return device
 
     async def device(self, principal: Principal, identifier_hex: str) -> dict[str, Any]:
-        async with self.registry.transaction() as tx:
-            device = await self._owned_device(tx, principal, identifier_hex)
-        return self.device_view(device)
+
+        async def body(tx: RegistryTransaction) -> DeviceRecord:
+            return await self._owned_device(tx, principal, identifier_hex)
+
+        return self.device_view(await self.registry.run(body))
 
     async def unbind(self, principal: Principal, identifier_hex: str) -> None:
         now = self.now()
-        async with self.registry.transaction() as tx:
+
+        async def body(tx: RegistryTransaction) -> None:
             device = await self._owned_device(tx, principal, identifier_hex)
             await tx.retire_identities(device.dev_id, below_epoch=None)
             await tx.supersede_attempts(device.dev_id, below_epoch=None)
@@ -646,6 +681,8 @@ class BindService:
                 user_id=principal.user_id,
                 principal=principal.name,
             )
+
+        await self.registry.run(body)
 
 
 __all__ = [

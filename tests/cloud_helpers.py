@@ -28,7 +28,7 @@ from cloud.app import create_app
 from cloud.keys import PURPOSE_K_INIT, KeyEncryptionKey
 from cloud.service import hash_token
 from cloud.settings import Settings
-from cloud.store.registry import Registry, open_registry
+from cloud.store.registry import Registry, RegistryTransaction, open_registry
 from protocol.cloudside import open_wrapped_identity
 from protocol.encoding import b64url_decode, b64url_encode
 from protocol.factory import FactoryRecord
@@ -81,14 +81,21 @@ async def register(
     rows = [
         (r.dev_id, r.mac, r.model, kek.wrap(PURPOSE_K_INIT, r.dev_id, r.k_init)) for r in records
     ]
-    async with registry.transaction() as tx:
-        await tx.register_devices(rows, int(time.time()))
+    now = int(time.time())
+
+    async def body(tx: RegistryTransaction) -> None:
+        await tx.register_devices(rows, now)
+
+    await registry.run(body)
 
 
 async def add_user(registry: Registry, name: str) -> str:
     token = b64url_encode(os.urandom(32))
-    async with registry.transaction() as tx:
+
+    async def body(tx: RegistryTransaction) -> None:
         await tx.add_user(name, hash_token(token), int(time.time()))
+
+    await registry.run(body)
     return token
 
 

@@ -129,8 +129,7 @@ async def test_onboard_checkin_views_and_unbind(cloud: Cloud) -> None:
     assert (await cloud.client.get("/v1/devices", headers=bearer(token))).json() == []
     body, headers = device.checkin_request()
     problem(await cloud.client.post("/v1/devices/checkin", content=body, headers=headers), 401, "bad_signature")
-    async with cloud.registry.transaction() as tx:
-        events = [e.event for e in await tx.audit_entries(record.dev_id)]
+    events = [e.event for e in await cloud.registry.run(lambda tx: tx.audit_entries(record.dev_id))]
     assert events == ["bind", "checkin", "bind", "checkin", "unbind"]
 
 
@@ -395,8 +394,7 @@ async def test_secrets_never_in_responses_or_logs(cloud: Cloud, caplog: pytest.L
     for secret in (record.k_init, device.k_dev, TEST_KEK):
         assert secret.hex() not in haystack and b64url_encode(secret) not in haystack
     assert token not in haystack
-    async with cloud.registry.transaction() as tx:
-        stored = await tx.device(record.dev_id)
+    stored = await cloud.registry.run(lambda tx: tx.device(record.dev_id))
     assert stored is not None and record.k_init not in stored.k_init_wrapped
     assert record.k_init.hex() not in repr(stored)
 

@@ -1,8 +1,10 @@
 """The Registry: every read and write the cloud makes, as domain operations.
 
-Callers open ``async with registry.transaction() as tx`` and call the
-:class:`RegistryTransaction` methods; everything in one block commits or rolls
+Callers pass a body to ``await registry.run(body)``: ``body(tx)`` calls the
+:class:`RegistryTransaction` methods, and everything it does commits or rolls
 back together (a bind writes owner, identity and audit row in ONE transaction).
+A body awaits nothing but ``tx`` (on SQLite it runs on the database thread,
+batched with other bodies under one COMMIT — see ``cloud.store.database``).
 Device rows are locked (``FOR UPDATE`` on PostgreSQL, the single writer on
 SQLite) before any decision about a device, so concurrent requests for one
 device are serialised on every backend.
@@ -14,13 +16,14 @@ device are serialised on every backend.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cloud.store.database import Database, Row, Transaction, open_database
 from cloud.store.schema import LATEST_VERSION, MIGRATIONS
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, repr=False)
@@ -438,21 +441,26 @@ class Registry:
     def dialect(self) -> str:
         return self.database.dialect
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[RegistryTransaction]:
-        async with self.database.transaction() as tx:
-            yield RegistryTransaction(tx)
+    async def run(self, body: Callable[[RegistryTransaction], Awaitable[T]]) -> T:
+        """``body(tx)`` in one transaction; its result, or its exception with nothing kept."""
+
+        async def wrapped(tx: Transaction) -> T:
+            return await body(RegistryTransaction(tx))
+
+        return await self.database.run(wrapped)
 
     async def schema_version(self) -> int:
-        async with self.database.transaction() as tx:
+        async def body(tx: Transaction) -> int:
             await _ensure_version_table(tx, self.dialect)
             row = await tx.fetchrow("SELECT MAX(version) FROM schema_version")
-        return int(row[0]) if row is not None and row[0] is not None else 0
+            return int(row[0]) if row is not None and row[0] is not None else 0
+
+        return await self.database.run(body)
 
     async def migrate(self) -> list[int]:
         """Apply missing migrations; returns the versions applied. Safe to run concurrently."""
-        applied: list[int] = []
-        async with self.database.transaction() as tx:
+        async def body(tx: Transaction) -> list[int]:
+            applied: list[int] = []
             if self.dialect == "postgresql":
                 # Serialise concurrent migrators (several server processes starting).
                 await tx.execute("SELECT pg_advisory_xact_lock(7461836)")
@@ -470,7 +478,9 @@ class Registry:
                     int(time.time()),
                 )
                 applied.append(version)
-        return applied
+            return applied
+
+        return await self.database.run(body)
 
     async def is_current(self) -> bool:
         return await self.schema_version() == LATEST_VERSION
