@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +92,7 @@ Clock = Callable[[], float]
 
 _DUMMY_DEV_ID = b"\x00" * 16
 _BIND_DRAW = 16 + 32 + 12 + 16 + 32 + 12
+_PRINCIPAL_CACHE_SIZE = 10_000
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,9 @@ class BindService:
         self.settings = settings
         self.entropy = entropy
         self.clock = clock
+        # Known bearer tokens (by hash) for settings.token_cache_s: saves a
+        # database round trip on every user request. Unknown tokens are not kept.
+        self._principals: dict[bytes, tuple[Principal, float]] = {}
         # Same-cost stand-ins for an unknown device (timing, §6).
         self._dummy_k_init_wrapped = kek.wrap(PURPOSE_K_INIT, _DUMMY_DEV_ID, b"\x5a" * 32)
 
@@ -177,6 +182,10 @@ class BindService:
 
     async def authenticate_user(self, token: str) -> Principal:
         token_hash = hash_token(token)
+        now = time.monotonic()
+        cached = self._principals.get(token_hash)
+        if cached is not None and cached[1] > now:
+            return cached[0]
 
         async def body(tx: RegistryTransaction) -> UserRecord | None:
             return await tx.user_by_token_hash(token_hash)
@@ -184,7 +193,12 @@ class BindService:
         user = await self.registry.run(body)
         if user is None:
             raise Unauthorized("unknown bearer token", code="unauthorized")
-        return Principal(f"user:{user.user_id}", user.user_id)
+        principal = Principal(f"user:{user.user_id}", user.user_id)
+        if self.settings.token_cache_s > 0:
+            if len(self._principals) >= _PRINCIPAL_CACHE_SIZE:
+                self._principals.clear()
+            self._principals[token_hash] = (principal, now + self.settings.token_cache_s)
+        return principal
 
     async def _verify_signature(
         self, tx: RegistryTransaction, header: str, method: str, path: str, body: bytes
@@ -454,11 +468,11 @@ class BindService:
             (f"dev:{dev_id.hex()}", self.settings.rate_per_device, "device"),
             (f"addr:{client_address}", self.settings.rate_per_address, "client address"),
         )
-        exceeded: str | None = None
+        counts = await tx.hits([bucket for bucket, _, _ in checks], start)
         for bucket, limit, scope in checks:
-            if await tx.hit(bucket, start) > limit and exceeded is None:
-                exceeded = scope
-        return None if exceeded is None else RateLimited(start + window - now, exceeded)
+            if counts[bucket] > limit:
+                return RateLimited(start + window - now, scope)
+        return None
 
     # -- §6.2 bind/complete and §6.4 check-in ----------------------------------------------
 

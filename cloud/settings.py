@@ -59,6 +59,10 @@ class Settings:
     auto_migrate: bool = True
     #: Ticket validity written into the ticket (seconds).
     ticket_validity_s: int = 120
+    #: How long a bearer token found in the database is trusted without asking it
+    #: again (0: ask every time). Tokens are only ever added today; a future
+    #: revocation takes effect within this time on every instance.
+    token_cache_s: float = 5.0
 
     def with_rate_limits(self, per_user: int, per_device: int, per_address: int) -> Settings:
         from dataclasses import replace

@@ -16,7 +16,7 @@ device are serialised on every backend.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -339,15 +339,19 @@ class RegistryTransaction:
 
     async def hit(self, bucket: str, window_start: int) -> int:
         """Count one request in a fixed window; returns the window's count."""
-        row = await self._tx.fetchrow(
-            "INSERT INTO rate_counters (bucket, window_start, hits) VALUES ($1, $2, 1) "
+        return (await self.hits((bucket,), window_start))[bucket]
+
+    async def hits(self, buckets: Sequence[str], window_start: int) -> dict[str, int]:
+        """Count one request in each (distinct) bucket in one statement; their counts."""
+        values = ", ".join(f"(${i + 2}, $1, 1)" for i in range(len(buckets)))
+        rows = await self._tx.fetch(
+            f"INSERT INTO rate_counters (bucket, window_start, hits) VALUES {values} "
             "ON CONFLICT (bucket, window_start) DO UPDATE SET hits = rate_counters.hits + 1 "
-            "RETURNING hits",
-            bucket,
+            "RETURNING bucket, hits",
             window_start,
+            *buckets,
         )
-        assert row is not None
-        return int(row[0])
+        return {str(row[0]): int(row[1]) for row in rows}
 
     # -- users ------------------------------------------------------------------------
 
