@@ -184,15 +184,67 @@ async def register_factory_records(
     records: list[FactoryRecord],
 ) -> None:
     """Register a batch of factory records (one transaction)."""
-    rows = [
+    await _insert_rows(registry, _wrapped_rows(kek, records))
+
+
+def _wrapped_rows(
+    kek: KeyEncryptionKey, records: list[FactoryRecord]
+) -> list[tuple[bytes, bytes, str, bytes]]:
+    # Sorted by dev_id: the primary-key B-tree is then filled in one sweep.
+    return sorted(
         (r.dev_id, r.mac, r.model, kek.wrap(PURPOSE_K_INIT, r.dev_id, r.k_init)) for r in records
-    ]
+    )
+
+
+async def _insert_rows(registry: Registry, rows: list[tuple[bytes, bytes, str, bytes]]) -> None:
     now = int(time.time())
 
     async def body(tx: RegistryTransaction) -> None:
         await tx.register_devices(rows, now)
 
     await registry.run(body)
+
+
+async def import_factory_records(
+    registry: Registry,
+    kek: KeyEncryptionKey,
+    records: list[FactoryRecord],
+    *,
+    batch: int = 250_000,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Bulk registration: one transaction per ``batch`` records, pipelined.
+
+    K_init of the next batch is wrapped while the database inserts the
+    previous one (SQLite releases the GIL while it works), and large batches
+    rewrite each page of the dev_id index fewer times. A batch is all or
+    nothing; ``progress(n)`` is called after each committed batch. On SQLite a
+    batch holds the write lock for a few seconds, so a server on the same file
+    waits (up to its busy timeout) while a large import runs.
+    """
+    done = 0
+    pending: asyncio.Task[None] | None = None
+    pending_size = 0
+    # A small first batch starts the pipeline sooner; the rest are full-size.
+    first = min(batch, max(1, batch // 10))
+    bounds = [0, *range(first, len(records), batch), len(records)]
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        chunk = records[start:end]
+        if not chunk:
+            continue
+        rows = _wrapped_rows(kek, chunk)
+        if pending is not None:
+            await pending
+            done += pending_size
+            if progress is not None:
+                progress(done)
+        pending, pending_size = asyncio.create_task(_insert_rows(registry, rows)), len(chunk)
+        await asyncio.sleep(0)  # hand the batch to the database thread before wrapping on
+    if pending is not None:
+        await pending
+        done += pending_size
+        if progress is not None:
+            progress(done)
 
 
 def new_factory_record(model: str, rng: Callable[[int], bytes] = os.urandom) -> FactoryRecord:
