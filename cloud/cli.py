@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import sys
@@ -228,7 +229,7 @@ async def import_factory_records(
     # A small first batch starts the pipeline sooner; the rest are full-size.
     first = min(batch, max(1, batch // 10))
     bounds = [0, *range(first, len(records), batch), len(records)]
-    for start, end in zip(bounds, bounds[1:], strict=False):
+    for start, end in itertools.pairwise(bounds):
         chunk = records[start:end]
         if not chunk:
             continue

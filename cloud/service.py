@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -182,7 +181,7 @@ class BindService:
 
     async def authenticate_user(self, token: str) -> Principal:
         token_hash = hash_token(token)
-        now = time.monotonic()
+        now = self.clock()
         cached = self._principals.get(token_hash)
         if cached is not None and cached[1] > now:
             return cached[0]
