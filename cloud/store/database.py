@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -26,6 +27,8 @@ import aiosqlite
 from cloud.errors import ConfigurationError
 
 Row = Any  # sqlite3.Row or asyncpg.Record: both index by column name
+
+log = logging.getLogger("doorstep.cloud")
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -218,6 +221,13 @@ class SqliteDatabase:
         await (self._checkpointer or self._conn).execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     async def close(self) -> None:
+        if self.batches:
+            log.info(
+                "SQLite group commit: %d transaction bodies in %d batches (%.1f per COMMIT)",
+                self.bodies,
+                self.batches,
+                self.bodies / self.batches,
+            )
         if self._flusher is not None:
             with contextlib.suppress(BaseException):
                 await asyncio.shield(self._flusher)
