@@ -98,7 +98,7 @@ class _Job:
     seconds: float
     concurrency: int
     #: per device: the bind/start body, and what the device needs for its Ack
-    devices: list[tuple[bytes, bytes, bytes, bytes, bytes, bytes, bytes]]
+    devices: list[tuple[bytes, ...]]
     server_pid: int
 
 
@@ -280,7 +280,7 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 async def _prepare(url: str, count: int) -> tuple[list[tuple[bytes, ...]], str]:
-    from cloud_helpers import SimDevice, start_session
+    from cloud_helpers import start_session
     from protocol.encoding import b64url_decode
     from test_cloud_process import _prepare as register_and_add_user
 
@@ -299,7 +299,6 @@ async def _prepare(url: str, count: int) -> tuple[list[tuple[bytes, ...]], str]:
                 sim.record.dev_id,
             )
         )
-    _ = SimDevice
     return devices, token
 
 
@@ -313,7 +312,7 @@ def run(url: str, label: str, seconds: float, concurrency: int, count: int) -> N
     assert server.process is not None
     try:
         with tempfile.NamedTemporaryFile(suffix=".job") as job_file:
-            job = _Job(server.port, token, seconds, concurrency, devices, server.process.pid)  # type: ignore[arg-type]
+            job = _Job(server.port, token, seconds, concurrency, devices, server.process.pid)
             job_file.write(pickle.dumps(job))
             job_file.flush()
             print(f"[{label}] driving for {4 * seconds:.0f} s from a separate process …", flush=True)

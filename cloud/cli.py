@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import os
 import sys
@@ -197,13 +196,14 @@ def _wrapped_rows(
     )
 
 
-async def _insert_rows(registry: Registry, rows: list[tuple[bytes, bytes, str, bytes]]) -> None:
+async def _insert_rows(registry: Registry, rows: list[tuple[bytes, bytes, str, bytes]]) -> int:
     now = int(time.time())
 
     async def body(tx: RegistryTransaction) -> None:
         await tx.register_devices(rows, now)
 
     await registry.run(body)
+    return len(rows)
 
 
 async def import_factory_records(
@@ -224,28 +224,21 @@ async def import_factory_records(
     waits (up to its busy timeout) while a large import runs.
     """
     done = 0
-    pending: asyncio.Task[None] | None = None
-    pending_size = 0
-    # A small first batch starts the pipeline sooner; the rest are full-size.
-    first = min(batch, max(1, batch // 10))
-    bounds = [0, *range(first, len(records), batch), len(records)]
-    for start, end in itertools.pairwise(bounds):
-        chunk = records[start:end]
-        if not chunk:
-            continue
-        rows = _wrapped_rows(kek, chunk)
+    pending: asyncio.Task[int] | None = None
+
+    async def settle() -> None:
+        nonlocal done
         if pending is not None:
-            await pending
-            done += pending_size
+            done += await pending
             if progress is not None:
                 progress(done)
-        pending, pending_size = asyncio.create_task(_insert_rows(registry, rows)), len(chunk)
+
+    for start in range(0, len(records), batch):
+        rows = _wrapped_rows(kek, records[start : start + batch])
+        await settle()
+        pending = asyncio.create_task(_insert_rows(registry, rows))
         await asyncio.sleep(0)  # hand the batch to the database thread before wrapping on
-    if pending is not None:
-        await pending
-        done += pending_size
-        if progress is not None:
-            progress(done)
+    await settle()
 
 
 def new_factory_record(model: str, rng: Callable[[int], bytes] = os.urandom) -> FactoryRecord:

@@ -625,6 +625,7 @@ class BindService:
     @staticmethod
     def device_view(device: DeviceRecord) -> dict[str, Any]:
         """What an owner sees: never keys."""
+        identifier: bytes | None
         if device.pending_identifier is not None:
             identifier, epoch, state = device.pending_identifier, device.pending_epoch, "pending"
         else:

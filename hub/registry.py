@@ -146,29 +146,10 @@ class HubRegistry:
 
     async def all(self) -> list[OnboardingRecord]:
         async with self.db.execute(
-            "SELECT address, name, model, dev_id, identifier, status, status_name, stage, "
-            "message, attempt, final, started_at, duration_s, timings FROM onboardings ORDER BY id"
+            f"SELECT {_COLUMNS} FROM onboardings ORDER BY id"  # noqa: S608 - constant columns
         ) as cursor:
             rows = await cursor.fetchall()
-        return [
-            OnboardingRecord(
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                r[4],
-                r[5],
-                r[6],
-                r[7],
-                r[8],
-                r[9],
-                bool(r[10]),
-                r[11],
-                r[12],
-                json.loads(r[13]),
-            )
-            for r in rows
-        ]
+        return [_row(r) for r in rows]
 
     async def latest_by_device(self) -> list[OnboardingRecord]:
         latest: dict[str, OnboardingRecord] = {}

@@ -192,7 +192,8 @@ class SqliteDatabase:
                 if not batch:
                     continue
                 try:
-                    outcomes = await _in_connection_thread(self._conn, _run_batch, batch)
+                    bodies = [body for body, _ in batch]
+                    outcomes = await _in_connection_thread(self._conn, _run_batch, bodies)
                 except BaseException as exc:  # the COMMIT (or BEGIN) failed: all of them did
                     for _, future in batch:
                         if not future.done():
@@ -237,15 +238,13 @@ class SqliteDatabase:
         await self._conn.close()
 
 
-def _run_batch(
-    conn: sqlite3.Connection, batch: list[tuple[Body[Any], asyncio.Future[Any]]]
-) -> list[tuple[bool, Any]]:
-    """On the connection thread: every body of ``batch`` in one transaction."""
+def _run_batch(conn: sqlite3.Connection, bodies: list[Body[Any]]) -> list[tuple[bool, Any]]:
+    """On the connection thread: every one of ``bodies`` in one transaction."""
     tx = _SqliteTransaction(conn)
     outcomes: list[tuple[bool, Any]] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for body, _ in batch:
+        for body in bodies:
             conn.execute("SAVEPOINT body")
             try:
                 outcomes.append((True, _drive(body, tx)))

@@ -337,10 +337,6 @@ class RegistryTransaction:
         )
         return row is not None
 
-    async def hit(self, bucket: str, window_start: int) -> int:
-        """Count one request in a fixed window; returns the window's count."""
-        return (await self.hits((bucket,), window_start))[bucket]
-
     async def hits(self, buckets: Sequence[str], window_start: int) -> dict[str, int]:
         """Count one request in each (distinct) bucket in one statement; their counts."""
         values = ", ".join(f"(${i + 2}, $1, 1)" for i in range(len(buckets)))
