@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -230,6 +231,155 @@ class BodyLimitMiddleware:
                 await _send_problem(send, too_large)
 
 
+# --- bind/start without the framework's per-request machinery ----------------------------
+
+_BIND_START_FIELDS = {
+    "m1": 4096,
+    "m2": 4096,
+    "commissioner_pub": 64,
+    "commissioner_nonce": 64,
+}
+_B64_TEXT = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def _plain_bind_start(body: bytes) -> BindStartInput | None:
+    """The four fields if ``body`` is a request :class:`BindStartRequest` accepts as is.
+
+    Stricter than the model (exactly the four keys, nothing else): whatever
+    this refuses goes to the FastAPI route, which validates and words the
+    error. So both paths accept the same requests and refuse them alike.
+    """
+    try:
+        fields = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if type(fields) is not dict or len(fields) != len(_BIND_START_FIELDS):
+        return None
+    for name, limit in _BIND_START_FIELDS.items():
+        value = fields.get(name)
+        if type(value) is not str or len(value) > limit or not _B64_TEXT.fullmatch(value):
+            return None
+    return BindStartInput(
+        fields["m1"], fields["m2"], fields["commissioner_pub"], fields["commissioner_nonce"]
+    )
+
+
+class BindStartFront:
+    """``POST /v1/bind/start`` served straight from ASGI: the cloud's hottest route.
+
+    FastAPI's dependency solving, model validation and response wrapping cost
+    more CPU than the bind itself (``bench/cloud_load.py``). A well-formed JSON
+    request is answered here with the same service call, status, headers and
+    problem bodies as the route declared on the app; anything else (another
+    content type, a body the model would refuse or coerce, a client that
+    disconnects) is handed to that route with its body replayed, so its
+    errors and the OpenAPI schema stay FastAPI's.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        service: Callable[[], BindService],
+        authenticate: Callable[
+            [str | None, str, str, Callable[[], Awaitable[bytes]]], Awaitable[Principal]
+        ],
+    ) -> None:
+        self.app = app
+        self.service = service
+        self.authenticate = authenticate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["path"] != "/v1/bind/start"
+            or scope["method"] != "POST"
+        ):
+            await self.app(scope, receive, send)
+            return
+        json_body = False
+        authorization: str | None = None
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                json_body = value == b"application/json"
+            elif name == b"authorization":
+                authorization = value.decode("latin-1")
+        chunks: list[bytes] = []
+        message: Message = {"more_body": True}
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] != "http.request":  # gone: let the route see it
+                await self.app(scope, _replay(chunks, message, receive), send)
+                return
+            chunks.append(message.get("body", b""))
+        body = b"".join(chunks)
+        request = _plain_bind_start(body) if json_body else None
+        if request is None:
+            await self.app(scope, _replay([body], None, receive), send)
+            return
+
+        async def raw_body() -> bytes:
+            return body
+
+        try:
+            principal = await self.authenticate(
+                authorization, "POST", _scope_path_and_query(scope), raw_body
+            )
+            client = scope.get("client")
+            answer = await self.service().bind_start(
+                principal, request, client[0] if client else "unknown"
+            )
+        except CloudProblem as problem:
+            await _send_response(
+                send,
+                problem.status,
+                PROBLEM_JSON,
+                json.dumps(problem.to_problem()).encode("utf-8"),
+                problem.headers,
+            )
+            return
+        except Exception as exc:
+            log.error("unexpected error: %s", type(exc).__name__)
+            problem = CloudProblem("internal error", code="internal_error")
+            await _send_response(
+                send, problem.status, PROBLEM_JSON, json.dumps(problem.to_problem()).encode()
+            )
+            return
+        await _send_response(send, 201, "application/json", answer)
+
+
+def _replay(chunks: list[bytes], last: Message | None, receive: Receive) -> Receive:
+    """A ``receive`` that first hands back what was already read."""
+    pending: list[Message] = [
+        {"type": "http.request", "body": b"".join(chunks), "more_body": last is not None}
+    ]
+    if last is not None:
+        pending.append(last)
+
+    async def replayed() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed
+
+
+async def _send_response(
+    send: Send,
+    status: int,
+    media_type: str,
+    body: bytes,
+    headers: dict[str, str] | None = None,
+) -> None:
+    raw_headers = [
+        (b"content-length", str(len(body)).encode("latin-1")),
+        (b"content-type", media_type.encode("latin-1")),
+    ]
+    for name, value in (headers or {}).items():
+        raw_headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 async def _send_problem(send: Send, problem: CloudProblem) -> None:
     body = json.dumps(problem.to_problem()).encode("utf-8")
     headers = [
@@ -261,8 +411,12 @@ def cloud_entropy(env: dict[str, str] | None = None) -> EntropySourceLike:
 
 def _path_and_query(request: Request) -> str:
     """The path-and-query as sent (§6.3 signs it byte for byte)."""
-    raw = request.scope.get("raw_path") or request.scope["path"].encode("utf-8")
-    query = request.scope.get("query_string", b"")
+    return _scope_path_and_query(request.scope)
+
+
+def _scope_path_and_query(scope: Scope) -> str:
+    raw = scope.get("raw_path") or scope["path"].encode("utf-8")
+    query = scope.get("query_string", b"")
     text = raw.decode("latin-1")
     return text + "?" + query.decode("latin-1") if query else text
 
@@ -326,7 +480,6 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(Exception, _on_unexpected)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
 
     def service() -> BindService:
         svc = state.get("service")
@@ -335,19 +488,29 @@ def create_app(
         assert isinstance(svc, BindService)
         return svc
 
-    async def principal_of(request: Request) -> Principal:
+    async def authenticate(
+        header: str | None, method: str, path: str, body: Callable[[], Awaitable[bytes]]
+    ) -> Principal:
         """A user (Bearer) or a hub acting for its owner (DS1-HMAC, §6.3)."""
-        header = request.headers.get("authorization")
         if not header:
             raise Unauthorized("an Authorization header is required")
         if header.startswith("Bearer "):
             return await service().authenticate_user(header[len("Bearer ") :])
         if header.startswith("DS1-HMAC "):
-            body = await request.body()
-            return await service().authenticate_hub(
-                header, request.method, _path_and_query(request), body
-            )
+            return await service().authenticate_hub(header, method, path, await body())
         raise Unauthorized("use Bearer or DS1-HMAC authorization")
+
+    async def principal_of(request: Request) -> Principal:
+        return await authenticate(
+            request.headers.get("authorization"),
+            request.method,
+            _path_and_query(request),
+            request.body,
+        )
+
+    # Innermost first: the bind/start front runs inside the body limit.
+    app.add_middleware(BindStartFront, service=service, authenticate=authenticate)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
 
     def client_address(request: Request) -> str:
         return request.client.host if request.client else "unknown"
@@ -453,7 +616,7 @@ async def _maintain(service: BindService, settings: Settings) -> None:
                     rate_window_s=settings.rate_window_s,
                 )
 
-            await service.registry.run(prune)
+            await service.registry.run(prune, heavy=True)
             await service.registry.checkpoint()
         except asyncio.CancelledError:
             raise

@@ -202,7 +202,7 @@ async def _insert_rows(registry: Registry, rows: list[tuple[bytes, bytes, str, b
     async def body(tx: RegistryTransaction) -> None:
         await tx.register_devices(rows, now)
 
-    await registry.run(body)
+    await registry.run(body, heavy=True)
     return len(rows)
 
 

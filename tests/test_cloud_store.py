@@ -19,7 +19,7 @@ import pytest
 
 from cloud.keys import KeyEncryptionKey
 from cloud.settings import Settings
-from cloud.store.database import BodySuspended, SqliteDatabase
+from cloud.store.database import _BATCH_LIMIT, BodySuspended, SqliteDatabase
 from cloud.store.registry import Registry, RegistryTransaction, open_registry
 from cloud_helpers import (
     PG_DSN,
@@ -129,7 +129,7 @@ async def test_many_concurrent_bodies_all_commit_in_few_batches(tmp_path: Path) 
         ids = await asyncio.gather(*(_add(registry, f"u{i:03d}") for i in range(200)))
         assert len(set(ids)) == 200
         assert len(await _user_names(registry)) == 200
-        assert database.batches - before <= 200 // 64 + 2  # batched, not one COMMIT each
+        assert database.batches - before <= 200 // _BATCH_LIMIT + 2  # batched, not one COMMIT each
     finally:
         await registry.close()
 

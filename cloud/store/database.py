@@ -55,13 +55,14 @@ class Database(Protocol):
 
     ``await db.run(body)`` runs ``body(tx)`` in one transaction and returns its
     result; if ``body`` raises, nothing it wrote is kept and the exception
-    propagates. A body must only await its ``tx`` (on SQLite it runs on the
-    database thread, where nothing else can be awaited).
+    propagates. A body must only await its ``tx`` (on SQLite it runs in one
+    step, where nothing else can be awaited). ``heavy=True`` marks a body that
+    may take long (bulk import, pruning): SQLite runs it off the event loop.
     """
 
     dialect: str
 
-    async def run(self, body: Body[T]) -> T: ...
+    async def run(self, body: Body[T], *, heavy: bool = False) -> T: ...
 
     async def close(self) -> None: ...
 
@@ -72,7 +73,7 @@ class Database(Protocol):
 
 
 class _SqliteTransaction:
-    """Statements on the raw ``sqlite3`` connection, called on aiosqlite's thread.
+    """Statements on the raw ``sqlite3`` connection, inside a batch's transaction.
 
     The methods are coroutines so that one body serves both backends, but they
     never suspend: :func:`_drive` runs a body to completion in one step.
@@ -121,22 +122,33 @@ def _to_sqlite(sql: str) -> str:
     return converted
 
 
-_BATCH_LIMIT = 64
+_BATCH_LIMIT = 32  # bodies per COMMIT; also bounds how long one batch holds the loop
+_BUSY_TIMEOUT_MS = 10000
 
 
 class SqliteDatabase:
     """One aiosqlite connection in WAL mode, with group commit.
 
-    SQLite has a single writer, so bodies are queued and run in batches on
-    aiosqlite's connection thread: one ``BEGIN IMMEDIATE`` … ``COMMIT`` per
-    batch, each body inside its own ``SAVEPOINT`` so that a body that raises
-    is rolled back alone. A body's result is handed back only after the
-    batch's COMMIT, so nothing is answered that is not on disk; if the COMMIT
-    fails, every body of the batch fails with it. One thread hop per batch
-    instead of one per statement is what lets one process answer thousands of
-    bind/starts per second.
+    SQLite has a single writer, so bodies are queued and run in batches: one
+    ``BEGIN IMMEDIATE`` … ``COMMIT`` per batch, each body inside its own
+    ``SAVEPOINT`` so that a body that raises is rolled back alone. A body's
+    result is handed back only after the batch's COMMIT, so nothing is
+    answered that is not on disk; if the COMMIT fails, every body of the
+    batch fails with it.
 
-    ``BEGIN IMMEDIATE`` with ``busy_timeout`` keeps several server processes on
+    A batch of ordinary bodies runs on the event loop's thread, statements
+    and COMMIT alike: once ``BEGIN IMMEDIATE`` holds the write lock nothing in
+    the batch waits for a lock, and in WAL mode with ``synchronous=NORMAL`` a
+    COMMIT appends to the WAL without an fsync. Handing batches to a thread
+    instead cost ~20 % more CPU per request in GIL hand-offs and added up to
+    a switch interval (5 ms) of latency per hop (``bench/cloud_load.py``).
+    What can wait runs on aiosqlite's connection thread: a ``BEGIN
+    IMMEDIATE`` that finds another process writing (the loop's attempt uses
+    ``busy_timeout=0``, the thread's waits up to 10 s), and ``heavy`` bodies
+    (bulk import, pruning, migrations), each alone in its batch. Batches are
+    capped at ``_BATCH_LIMIT`` bodies so one never holds the loop for long.
+
+    ``BEGIN IMMEDIATE`` with a busy timeout keeps several server processes on
     one file correct. Automatic WAL checkpoints are off: :meth:`checkpoint`
     runs a PASSIVE checkpoint from the maintenance task on a second
     connection, so it never waits in the request queue.
@@ -149,7 +161,7 @@ class SqliteDatabase:
     ) -> None:
         self._conn = conn
         self._checkpointer = checkpointer
-        self._queue: list[tuple[Body[Any], asyncio.Future[Any]]] = []
+        self._queue: list[tuple[Body[Any], asyncio.Future[Any], bool]] = []
         self._flusher: asyncio.Task[None] | None = None
         self.batches = 0  # for benchmarks: how many COMMITs served how many bodies
         self.bodies = 0
@@ -158,18 +170,20 @@ class SqliteDatabase:
     async def open(cls, path: str) -> SqliteDatabase:
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        conn = await cls._connect(path)
+        # The writer never waits on the loop's thread: see _run_light.
+        conn = await cls._connect(path, busy_timeout_ms=0)
         checkpointer = None if path == ":memory:" else await cls._connect(path)
         return cls(conn, checkpointer)
 
     @staticmethod
-    async def _connect(path: str) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(path, isolation_level=None)
+    async def _connect(path: str, busy_timeout_ms: int = _BUSY_TIMEOUT_MS) -> aiosqlite.Connection:
+        # Used from the loop's thread and aiosqlite's, never at the same time.
+        conn = await aiosqlite.connect(path, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         for pragma in (
             "PRAGMA journal_mode=WAL",
             "PRAGMA synchronous=NORMAL",  # WAL: durable across process crashes
-            "PRAGMA busy_timeout=10000",
+            f"PRAGMA busy_timeout={busy_timeout_ms}",
             "PRAGMA foreign_keys=ON",
             "PRAGMA wal_autocheckpoint=0",
             "PRAGMA cache_size=-65536",
@@ -177,25 +191,57 @@ class SqliteDatabase:
             await conn.execute(pragma)
         return conn
 
-    async def run(self, body: Body[T]) -> T:
+    async def run(self, body: Body[T], *, heavy: bool = False) -> T:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append((body, future))
+        self._queue.append((body, future, heavy))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
         return await future
 
+    def _next_batch(self) -> list[tuple[Body[Any], asyncio.Future[Any], bool]]:
+        """Up to ``_BATCH_LIMIT`` light bodies in order, or one heavy body alone."""
+        self._queue = [item for item in self._queue if not item[1].done()]  # callers gone
+        if self._queue and self._queue[0][2]:
+            batch, self._queue = self._queue[:1], self._queue[1:]
+            return batch
+        size = 0
+        while size < min(len(self._queue), _BATCH_LIMIT) and not self._queue[size][2]:
+            size += 1
+        batch, self._queue = self._queue[:size], self._queue[size:]
+        return batch
+
+    async def _run_light(self, bodies: list[Body[Any]]) -> list[tuple[bool, Any]]:
+        conn: sqlite3.Connection = self._conn._conn  # type: ignore[attr-defined]
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # busy_timeout is 0 on this connection
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                raise
+            # Another process is writing: wait for it off the event loop.
+            await _in_connection_thread(self._conn, _begin_waiting)
+        try:
+            outcomes = _run_bodies(conn, bodies)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        _commit(conn)
+        return outcomes
+
     async def _flush(self) -> None:
         try:
             while self._queue:
-                batch, self._queue = self._queue[:_BATCH_LIMIT], self._queue[_BATCH_LIMIT:]
-                batch = [item for item in batch if not item[1].done()]  # callers gone
+                await asyncio.sleep(0)  # let requests that are already readable join
+                batch = self._next_batch()
                 if not batch:
                     continue
+                bodies = [body for body, _, _ in batch]
                 try:
-                    bodies = [body for body, _ in batch]
-                    outcomes = await _in_connection_thread(self._conn, _run_batch, bodies)
+                    if batch[0][2]:
+                        outcomes = await _in_connection_thread(self._conn, _run_batch, bodies)
+                    else:
+                        outcomes = await self._run_light(bodies)
                 except BaseException as exc:  # the COMMIT (or BEGIN) failed: all of them did
-                    for _, future in batch:
+                    for _, future, _ in batch:
                         if not future.done():
                             future.set_exception(exc)
                     if isinstance(exc, asyncio.CancelledError):
@@ -203,7 +249,7 @@ class SqliteDatabase:
                     continue
                 self.batches += 1
                 self.bodies += len(batch)
-                for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                for (_, future, _), (ok, value) in zip(batch, outcomes, strict=True):
                     if future.done():  # its caller went away; the work is committed anyway
                         continue
                     if ok:
@@ -213,13 +259,14 @@ class SqliteDatabase:
         finally:
             self._flusher = None
             if self._queue:  # cancelled mid-way: fail the rest rather than hang them
-                for _, future in self._queue:
+                for _, future, _ in self._queue:
                     if not future.done():
                         future.set_exception(ConnectionError("database closed"))
                 self._queue = []
 
     async def checkpoint(self) -> None:
-        await (self._checkpointer or self._conn).execute("PRAGMA wal_checkpoint(PASSIVE)")
+        if self._checkpointer is not None:  # an in-memory database has no WAL
+            await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     async def close(self) -> None:
         if self.batches:
@@ -238,25 +285,48 @@ class SqliteDatabase:
         await self._conn.close()
 
 
-def _run_batch(conn: sqlite3.Connection, bodies: list[Body[Any]]) -> list[tuple[bool, Any]]:
-    """On the connection thread: every one of ``bodies`` in one transaction."""
-    tx = _SqliteTransaction(conn)
-    outcomes: list[tuple[bool, Any]] = []
-    conn.execute("BEGIN IMMEDIATE")
+def _begin_waiting(conn: sqlite3.Connection) -> None:
+    """``BEGIN IMMEDIATE``, waiting up to ``_BUSY_TIMEOUT_MS`` for another writer."""
+    conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
     try:
-        for body in bodies:
-            conn.execute("SAVEPOINT body")
-            try:
-                outcomes.append((True, _drive(body, tx)))
-            except Exception as exc:
-                conn.execute("ROLLBACK TO body")
-                outcomes.append((False, exc))
-            conn.execute("RELEASE body")
+        conn.execute("BEGIN IMMEDIATE")
+    finally:
+        conn.execute("PRAGMA busy_timeout=0")
+
+
+def _commit(conn: sqlite3.Connection) -> None:
+    try:
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def _run_bodies(conn: sqlite3.Connection, bodies: list[Body[Any]]) -> list[tuple[bool, Any]]:
+    """Inside an open transaction: each body in its own SAVEPOINT."""
+    tx = _SqliteTransaction(conn)
+    outcomes: list[tuple[bool, Any]] = []
+    for body in bodies:
+        conn.execute("SAVEPOINT body")
+        try:
+            outcomes.append((True, _drive(body, tx)))
+        except Exception as exc:
+            conn.execute("ROLLBACK TO body")
+            outcomes.append((False, exc))
+        conn.execute("RELEASE body")
+    return outcomes
+
+
+def _run_batch(conn: sqlite3.Connection, bodies: list[Body[Any]]) -> list[tuple[bool, Any]]:
+    """On the connection thread: every one of ``bodies`` in one transaction."""
+    _begin_waiting(conn)
+    try:
+        outcomes = _run_bodies(conn, bodies)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    _commit(conn)
     return outcomes
 
 
@@ -317,7 +387,7 @@ class PostgresDatabase:
         )
         return cls(pool)
 
-    async def run(self, body: Body[T]) -> T:
+    async def run(self, body: Body[T], *, heavy: bool = False) -> T:
         async with self._pool.acquire() as conn, conn.transaction():
             return await body(_PostgresTransaction(conn))
 

@@ -441,13 +441,18 @@ class Registry:
     def dialect(self) -> str:
         return self.database.dialect
 
-    async def run(self, body: Callable[[RegistryTransaction], Awaitable[T]]) -> T:
-        """``body(tx)`` in one transaction; its result, or its exception with nothing kept."""
+    async def run(
+        self, body: Callable[[RegistryTransaction], Awaitable[T]], *, heavy: bool = False
+    ) -> T:
+        """``body(tx)`` in one transaction; its result, or its exception with nothing kept.
+
+        ``heavy``: a body that may take long (bulk writes, pruning), run off the event loop.
+        """
 
         async def wrapped(tx: Transaction) -> T:
             return await body(RegistryTransaction(tx))
 
-        return await self.database.run(wrapped)
+        return await self.database.run(wrapped, heavy=heavy)
 
     async def schema_version(self) -> int:
         async def body(tx: Transaction) -> int:
@@ -480,7 +485,7 @@ class Registry:
                 applied.append(version)
             return applied
 
-        return await self.database.run(body)
+        return await self.database.run(body, heavy=True)
 
     async def is_current(self) -> bool:
         return await self.schema_version() == LATEST_VERSION
