@@ -328,23 +328,20 @@ class BindStartFront:
             answer = await self.service().bind_start(
                 principal, request, client[0] if client else "unknown"
             )
-        except CloudProblem as problem:
-            await _send_response(
-                send,
-                problem.status,
-                PROBLEM_JSON,
-                json.dumps(problem.to_problem()).encode("utf-8"),
-                problem.headers,
-            )
+        except CloudProblem as refused:
+            await _send_problem_response(send, refused)
             return
         except Exception as exc:
             log.error("unexpected error: %s", type(exc).__name__)
-            problem = CloudProblem("internal error", code="internal_error")
-            await _send_response(
-                send, problem.status, PROBLEM_JSON, json.dumps(problem.to_problem()).encode()
-            )
+            await _send_problem_response(send, CloudProblem("internal error", code="internal_error"))
             return
         await _send_response(send, 201, "application/json", answer)
+
+
+async def _send_problem_response(send: Send, problem: CloudProblem) -> None:
+    """What :func:`problem_response` renders, sent as raw ASGI messages."""
+    body = json.dumps(problem.to_problem()).encode("utf-8")
+    await _send_response(send, problem.status, PROBLEM_JSON, body, problem.headers)
 
 
 def _replay(chunks: list[bytes], last: Message | None, receive: Receive) -> Receive:

@@ -280,6 +280,65 @@ async def test_malformed_requests_get_exact_codes(cloud: Cloud) -> None:
     problem(await cloud.client.get(f"/v1/devices/{os.urandom(16).hex()}", headers=bearer(token)), 404, "unknown_device")
 
 
+async def test_the_bind_start_front_and_the_fastapi_route_answer_alike(cloud: Cloud) -> None:
+    """Plain ``application/json`` is served by the ASGI front; any other spelling of the
+    content type goes to the FastAPI route. Both must give the same status, headers and body."""
+    record = new_factory_record()
+    await register(cloud.registry, cloud.kek, [record])
+    token = await add_user(cloud.registry, "alice")
+    good = start_session(SimDevice(record)).request
+    cases: list[tuple[dict[str, str], dict[str, str]]] = [
+        (good, bearer(token)),  # the second answer is the identical retry of the first
+        (start_session(SimDevice(new_factory_record())).request, bearer(token)),  # unknown device
+        (good | {"m1": "A"}, bearer(token)),
+        (good | {"commissioner_nonce": b64url_encode(os.urandom(16))}, bearer(token)),
+        (good, {}),
+        (good, bearer("nope")),
+        (good, {"authorization": "Basic eA=="}),
+        (good, {"authorization": "DS1-HMAC id=zz"}),
+    ]
+    for body, auth in cases:
+        answers = []
+        for content_type in ("application/json", "application/json; charset=utf-8"):
+            response = await cloud.client.post(
+                "/v1/bind/start",
+                content=json.dumps(body).encode(),
+                headers=auth | {"content-type": content_type},
+            )
+            answers.append(
+                (
+                    response.status_code,
+                    response.content,
+                    response.headers["content-type"],
+                    response.headers.get("www-authenticate"),
+                )
+            )
+        assert answers[0] == answers[1], (body.keys(), auth.keys())
+    assert answers[0][0] == 401
+    # Fields the model ignores, and refusals worded by FastAPI, still work through the front.
+    extra = start_session(SimDevice(record)).request | {"note": "ignored"}
+    response = await cloud.client.post("/v1/bind/start", json=extra, headers=bearer(token))
+    assert response.status_code == 201
+    problem(
+        await cloud.client.post("/v1/bind/start", json=good | {"m2": 5}, headers=bearer(token)),
+        422,
+        "invalid_request",
+    )
+    deep = b"[" * 100000
+    problem(
+        await cloud.client.post(
+            "/v1/bind/start", content=deep, headers=bearer(token) | {"content-type": "application/json"}
+        ),
+        413,
+        "payload_too_large",
+    )
+    nested = b"[" * 5000 + b"]" * 5000
+    response = await cloud.client.post(
+        "/v1/bind/start", content=nested, headers=bearer(token) | {"content-type": "application/json"}
+    )
+    assert 400 <= response.status_code < 500, response.text
+
+
 async def test_other_users_attempt_bad_ack_and_expiry(cloud: Cloud) -> None:
     now = [time.time()]
     async with in_process_cloud("sqlite:///:memory:", clock=lambda: now[0]) as c:
