@@ -23,11 +23,19 @@ CborValue = int | bytes | str | list["CborValue"] | dict[int, "CborValue"]
 _MAX_DEPTH = 8
 
 
+_CONTAINERS = (dict, list)
+_INT_LIMIT = 1 << 64  # CBOR's major types 0 and 1 hold magnitudes below 2**64
+
+
 def _sorted(value: Any) -> Any:
+    """``value`` with every map's keys in ascending order (containers copied only if needed)."""
     if isinstance(value, dict):
-        return {k: _sorted(value[k]) for k in sorted(value)}
+        return {
+            k: (_sorted(value[k]) if isinstance(value[k], _CONTAINERS) else value[k])
+            for k in sorted(value)
+        }
     if isinstance(value, list):
-        return [_sorted(v) for v in value]
+        return [_sorted(v) if isinstance(v, _CONTAINERS) else v for v in value]
     return value
 
 
@@ -43,9 +51,14 @@ def cbor_encode(value: Any) -> bytes:
 
 
 def _plain(value: object, depth: int = 0) -> bool:
-    """True if ``value`` only holds DS1's CBOR types (no tags, floats, simple values)."""
-    if isinstance(value, (bytes, str)) or (type(value) is int):
+    """True if ``value`` only holds DS1's CBOR types (no tags, floats, simple values).
+
+    Integers beyond 64 bits are excluded: cbor2 reads tag 2/3 bignums as ``int``.
+    """
+    if isinstance(value, (bytes, str)):
         return True
+    if type(value) is int:
+        return -_INT_LIMIT <= value < _INT_LIMIT
     if depth >= _MAX_DEPTH:
         return False
     if isinstance(value, list):
@@ -59,14 +72,16 @@ def cbor_decode(data: bytes) -> CborValue:
     """Decode exactly one CBOR item spanning all of ``data`` under the §4 rules.
 
     Fast path: when cbor2's C decoder reads the bytes and re-encoding the result
-    deterministically (``cbor_encode``) gives the same bytes back, the input had no indefinite
-    lengths, duplicate keys or trailing bytes; a type walk then excludes tags,
-    floats and simple values. Anything else (including valid non-shortest
-    forms) takes the strict decoder below, which also names the exact error.
+    (keys in the order read) gives the same bytes back, the input had no
+    indefinite lengths, duplicate keys or trailing bytes; a type walk then
+    excludes tags, floats, simple values and bignums. Anything else (including
+    valid non-shortest forms) takes the strict decoder below, which also names
+    the exact error. Neither path requires sorted keys (§4 asks senders for
+    deterministic encoding; receivers check what they must).
     """
     try:
         value = cbor2.loads(data)
-        if _plain(value) and cbor_encode(value) == data:
+        if _plain(value) and cbor2.dumps(value) == data:
             return value  # type: ignore[no-any-return]
     except Exception:  # noqa: S110 - any decoder complaint: let the strict path explain it
         pass
