@@ -609,7 +609,7 @@ async def _maintain(service: BindService, settings: Settings) -> None:
             async def prune(tx: RegistryTransaction, now: int = now) -> None:
                 await tx.prune(
                     now,
-                    attempt_retention_s=settings.completion_window_s + 86400,
+                    attempt_retention_s=settings.attempt_retention_s,
                     rate_window_s=settings.rate_window_s,
                 )
 

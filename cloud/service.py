@@ -296,7 +296,7 @@ class BindService:
             answer: bytes | None = None
             previous = await tx.replay(challenge.dev_id, challenge.n_d)
             if previous is not None:
-                answer = await self._identical_retry(tx, previous, principal, request_hash, now)
+                answer = self._identical_retry(previous, principal, request_hash, now)
                 accepted = accepted and answer is not None
             elif device is not None and device.owner_id not in (None, principal.user_id):
                 bound_ctr = device.bound_reset_ctr if device.bound_reset_ctr is not None else -1
@@ -355,17 +355,15 @@ class BindService:
             & (challenge.reset_ctr >= device.max_reset_ctr)
         )
 
-    async def _identical_retry(
+    def _identical_retry(
         self,
-        tx: RegistryTransaction,
-        attempt_id: bytes,
+        attempt: AttemptRecord,
         principal: Principal,
         request_hash: bytes,
         now: int,
     ) -> bytes | None:
         """The first 201 for an identical request before ``expires_in``, else None."""
-        attempt = await tx.attempt(attempt_id)
-        if attempt is None or attempt.principal != principal.name or now >= attempt.expires_at:
+        if attempt.principal != principal.name or now >= attempt.expires_at:
             return None
         if not SecretBytes(attempt.request_hash).equals(request_hash):
             return None
@@ -433,6 +431,7 @@ class BindService:
                 state="pending",
                 ack=None,
                 completed_at=None,
+                n_d=challenge.n_d,
             )
         )
         await tx.insert_identity(
@@ -447,8 +446,6 @@ class BindService:
                 activated_at=None,
             )
         )
-        keep_until = now + self.settings.attempt_validity_s + self.settings.replay_margin_s + 60
-        await tx.record_replay(device.dev_id, challenge.n_d, attempt_id, keep_until)
         return answer
 
     async def _rate_limit(

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from cloud.errors import ConfigurationError
+
 ENV_DB = "DOORSTEP_CLOUD_DB"
 
 
@@ -42,7 +44,9 @@ class Settings:
     database_url: str = "sqlite:///:memory:"
     #: §6.1 ``expires_in``: the ticket's validity and the identical-retry window.
     attempt_validity_s: int = 120
-    #: §6.1: (dev_id, N_D) is remembered for at least expires_in + this.
+    #: §6.1: (dev_id, N_D) is remembered for at least expires_in + this. The record is
+    #: the attempt row itself, kept at least completion_window_s + 1 day (and for good
+    #: once bound); Settings refuses numbers that would forget it sooner.
     replay_margin_s: int = 300
     #: §6.4: bind/complete and check-in are accepted this long after bind/start.
     completion_window_s: int = 7 * 86400
@@ -63,6 +67,19 @@ class Settings:
     #: again (0: ask every time). Tokens are only ever added today; a future
     #: revocation takes effect within this time on every instance.
     token_cache_s: float = 5.0
+
+    @property
+    def attempt_retention_s(self) -> int:
+        """How long an unbound attempt (and so its (dev_id, N_D) record) is kept."""
+        return self.completion_window_s + 86400
+
+    def __post_init__(self) -> None:
+        if self.attempt_retention_s < self.attempt_validity_s + self.replay_margin_s:
+            raise ConfigurationError(
+                "completion_window_s + 1 day must cover attempt_validity_s + replay_margin_s "
+                "(§6.1: each (dev_id, N_D) is remembered that long)",
+                code="bad_settings",
+            )
 
     def with_rate_limits(self, per_user: int, per_device: int, per_address: int) -> Settings:
         from dataclasses import replace

@@ -210,3 +210,76 @@ async def test_unknown_tokens_are_not_cached() -> None:
             assert response.status_code == 401
         service = c.app.state.cloud["service"]
         assert service._principals == {}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_version_3_keeps_every_replay_record_inside_its_attempt(
+    backend: str, tmp_path: Path
+) -> None:
+    """A database written by version 2 (replays in their own table) upgrades in place."""
+    if backend == "postgresql" and not PG_DSN:
+        pytest.skip(PG_SKIP_REASON)
+    url = f"sqlite:///{tmp_path}/old.db" if backend == "sqlite" else pg_url()
+    registry = await open_registry(url, migrate=False)
+    try:
+        assert await registry.migrate(up_to=2) == [1, 2]
+        record = new_factory_record()
+        await register(registry, KeyEncryptionKey(TEST_KEK), [record])
+        await add_user(registry, "alice")
+        attempt_id, n_d = b"A" * 16, b"N" * 16
+
+        async def old_rows(tx: RegistryTransaction) -> None:
+            await tx._tx.execute(
+                "INSERT INTO attempts (attempt_id, dev_id, principal, user_id, request_hash, th, "
+                "identifier, epoch, reset_ctr, answer_wrapped, created_at, expires_at, state) "
+                "VALUES ($1, $2, 'user:1', 1, $3, $3, $4, 1, 0, $3, 100, 220, 'pending')",
+                attempt_id,
+                record.dev_id,
+                b"h" * 32,
+                b"I" * 16,
+            )
+            await tx._tx.execute(
+                "INSERT INTO replays (dev_id, n_d, attempt_id, keep_until) VALUES ($1, $2, $3, 9)",
+                record.dev_id,
+                n_d,
+                attempt_id,
+            )
+
+        await registry.run(old_rows)
+        assert await registry.migrate() == [3]
+        assert await registry.migrate() == []
+
+        async def lookups(tx: RegistryTransaction) -> tuple[object, object]:
+            return await tx.replay(record.dev_id, n_d), await tx.replay(record.dev_id, b"M" * 16)
+
+        found, other = await registry.run(lookups)
+        assert found is not None and found.attempt_id == attempt_id and found.n_d == n_d
+        assert other is None
+
+        async def same_challenge_again(tx: RegistryTransaction) -> None:
+            await tx._tx.execute(
+                "INSERT INTO attempts (attempt_id, dev_id, principal, user_id, request_hash, th, "
+                "identifier, epoch, reset_ctr, answer_wrapped, created_at, expires_at, state, n_d) "
+                "VALUES ($1, $2, 'user:1', 1, $3, $3, $4, 2, 0, $3, 100, 220, 'pending', $5)",
+                b"B" * 16,
+                record.dev_id,
+                b"h" * 32,
+                b"J" * 16,
+                n_d,
+            )
+
+        with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
+            await registry.run(same_challenge_again)
+    finally:
+        await registry.close()
+        if backend == "postgresql":
+            await drop_pg_schema(url)
+
+
+def test_settings_that_would_forget_a_challenge_too_soon_are_refused() -> None:
+    from cloud.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError) as info:
+        Settings(completion_window_s=0, attempt_validity_s=86400, replay_margin_s=300)
+    assert info.value.code == "bad_settings"
+    assert Settings().attempt_retention_s >= Settings().attempt_validity_s + 300

@@ -84,6 +84,7 @@ class AttemptRecord:
     state: str  # pending | bound | superseded
     ack: bytes | None
     completed_at: int | None
+    n_d: bytes | None  # the device's N_D: (dev_id, n_d) is unique, the replay record
 
     def __repr__(self) -> str:
         return f"AttemptRecord(dev_id={self.dev_id.hex()}, state={self.state})"
@@ -126,7 +127,7 @@ _IDENTITY_COLUMNS = (
 )
 _ATTEMPT_COLUMNS = (
     "attempt_id, dev_id, principal, user_id, request_hash, th, identifier, epoch, reset_ctr, "
-    "answer_wrapped, created_at, expires_at, state, ack, completed_at"
+    "answer_wrapped, created_at, expires_at, state, ack, completed_at, n_d"
 )
 
 
@@ -254,7 +255,7 @@ class RegistryTransaction:
                 below_epoch,
             )
 
-    # -- attempts and replays -------------------------------------------------------
+    # -- attempts (and with them the (dev_id, N_D) replay records) -----------------
 
     async def attempt(self, attempt_id: bytes) -> AttemptRecord | None:
         row = await self._tx.fetchrow(
@@ -265,7 +266,7 @@ class RegistryTransaction:
     async def insert_attempt(self, attempt: AttemptRecord) -> None:
         await self._tx.execute(
             f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) VALUES "
-            "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+            "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
             attempt.attempt_id,
             attempt.dev_id,
             attempt.principal,
@@ -281,6 +282,7 @@ class RegistryTransaction:
             attempt.state,
             attempt.ack,
             attempt.completed_at,
+            attempt.n_d,
         )
 
     async def mark_attempt_bound(self, attempt_id: bytes, ack: bytes, now: int) -> None:
@@ -306,23 +308,12 @@ class RegistryTransaction:
                 below_epoch,
             )
 
-    async def replay(self, dev_id: bytes, n_d: bytes) -> bytes | None:
-        """The attempt id recorded for ``(dev_id, N_D)``, if any."""
+    async def replay(self, dev_id: bytes, n_d: bytes) -> AttemptRecord | None:
+        """The attempt that already answered ``(dev_id, N_D)``, if any."""
         row = await self._tx.fetchrow(
-            "SELECT attempt_id FROM replays WHERE dev_id = $1 AND n_d = $2", dev_id, n_d
+            f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE dev_id = $1 AND n_d = $2", dev_id, n_d
         )
-        return None if row is None else _b(row[0])
-
-    async def record_replay(
-        self, dev_id: bytes, n_d: bytes, attempt_id: bytes, keep_until: int
-    ) -> None:
-        await self._tx.execute(
-            "INSERT INTO replays (dev_id, n_d, attempt_id, keep_until) VALUES ($1, $2, $3, $4)",
-            dev_id,
-            n_d,
-            attempt_id,
-            keep_until,
-        )
+        return None if row is None else _record(AttemptRecord, row)
 
     # -- signatures, rate limits ------------------------------------------------------
 
@@ -414,9 +405,8 @@ class RegistryTransaction:
     # -- maintenance --------------------------------------------------------------------
 
     async def prune(self, now: int, *, attempt_retention_s: int, rate_window_s: int) -> None:
-        """Drop expired nonces, replay records, rate windows and stale pending attempts."""
+        """Drop expired nonces, rate windows and stale unbound attempts (with their replay records)."""
         await self._tx.execute("DELETE FROM sig_nonces WHERE keep_until < $1", now)
-        await self._tx.execute("DELETE FROM replays WHERE keep_until < $1", now)
         await self._tx.execute(
             "DELETE FROM rate_counters WHERE window_start < $1", now - 2 * rate_window_s
         )
@@ -462,8 +452,11 @@ class Registry:
 
         return await self.database.run(body)
 
-    async def migrate(self) -> list[int]:
-        """Apply missing migrations; returns the versions applied. Safe to run concurrently."""
+    async def migrate(self, up_to: int | None = None) -> list[int]:
+        """Apply missing migrations (up to ``up_to``, default all); returns the versions applied.
+
+        Safe to run concurrently.
+        """
         async def body(tx: Transaction) -> list[int]:
             applied: list[int] = []
             if self.dialect == "postgresql":
@@ -473,7 +466,7 @@ class Registry:
             row = await tx.fetchrow("SELECT MAX(version) FROM schema_version")
             current = int(row[0]) if row is not None and row[0] is not None else 0
             for version, statements in MIGRATIONS:
-                if version <= current:
+                if version <= current or (up_to is not None and version > up_to):
                     continue
                 for statement in statements[self.dialect]:
                     await tx.execute(statement)

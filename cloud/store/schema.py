@@ -9,7 +9,8 @@ Tables: ``users`` (hashed bearer tokens), ``devices`` (factory data, wrapped
 K_init, highest reset_ctr seen, owner, active and pending identity, last epoch),
 ``identities`` (every issued identifier with its wrapped K_dev and state),
 ``attempts`` (pending binds, with the wrapped 201 answer for identical
-retries), ``replays`` ((dev_id, N_D) records), ``sig_nonces`` (§6.3 nonces),
+retries and, since version 3, the (dev_id, N_D) replay record as a unique
+index; version 1's ``replays`` table is folded into it), ``sig_nonces`` (§6.3 nonces),
 ``rate_counters`` (fixed-window counters shared by all instances) and the
 append-only ``audit_log``.
 """
@@ -137,6 +138,18 @@ _V2: Final[dict[str, list[str]]] = {
 }
 
 
+# The (dev_id, N_D) replay record moves into attempts: one row and two index
+# entries fewer per bind/start. An attempt is kept at least as long as its
+# replay record was, so nothing replayable is forgotten sooner.
+_V3: Final = """
+ALTER TABLE attempts ADD COLUMN n_d {blob};
+UPDATE attempts SET n_d = (SELECT n_d FROM replays WHERE replays.attempt_id = attempts.attempt_id);
+CREATE UNIQUE INDEX attempts_replay ON attempts(dev_id, n_d);
+DROP INDEX attempts_dev;
+DROP TABLE replays
+"""
+
+
 def _split(ddl: str, dialect: str) -> list[str]:
     filled = ddl.format(**DIALECT_TOKENS[dialect])
     return [statement.strip() for statement in filled.split(";") if statement.strip()]
@@ -145,6 +158,7 @@ def _split(ddl: str, dialect: str) -> list[str]:
 MIGRATIONS: Final[tuple[tuple[int, dict[str, list[str]]], ...]] = (
     (1, {dialect: _split(_V1, dialect) for dialect in DIALECT_TOKENS}),
     (2, _V2),
+    (3, {dialect: _split(_V3, dialect) for dialect in DIALECT_TOKENS}),
 )
 
 LATEST_VERSION: Final = MIGRATIONS[-1][0]
