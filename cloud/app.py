@@ -267,13 +267,15 @@ def _plain_bind_start(body: bytes) -> BindStartInput | None:
 class BindStartFront:
     """``POST /v1/bind/start`` served straight from ASGI: the cloud's hottest route.
 
-    FastAPI's dependency solving, model validation and response wrapping cost
-    more CPU than the bind itself (``bench/cloud_load.py``). A well-formed JSON
-    request is answered here with the same service call, status, headers and
-    problem bodies as the route declared on the app; anything else (another
-    content type, a body the model would refuse or coerce, a client that
-    disconnects) is handed to that route with its body replayed, so its
-    errors and the OpenAPI schema stay FastAPI's.
+    FastAPI's middleware stack, dependency solving, model validation and
+    response wrapping cost more CPU than the bind itself
+    (``bench/cloud_load.py``), so :class:`CloudApp` hands this route here
+    first. A well-formed JSON request is answered with the same service call,
+    status, headers and problem bodies as the route declared on the app, and
+    the same 16 KiB body limit; anything else (another content type, a body
+    the model would refuse or coerce, a client that disconnects) is handed to
+    the FastAPI app with its body replayed, so its errors and the OpenAPI
+    schema stay FastAPI's.
     """
 
     def __init__(
@@ -283,19 +285,17 @@ class BindStartFront:
         authenticate: Callable[
             [str | None, str, str, Callable[[], Awaitable[bytes]]], Awaitable[Principal]
         ],
+        max_bytes: int,
     ) -> None:
         self.app = app
         self.service = service
         self.authenticate = authenticate
+        self.max_bytes = max_bytes
+
+    def too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"request bodies are limited to {self.max_bytes} bytes")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["path"] != "/v1/bind/start"
-            or scope["method"] != "POST"
-        ):
-            await self.app(scope, receive, send)
-            return
         json_body = False
         authorization: str | None = None
         for name, value in scope["headers"]:
@@ -303,14 +303,28 @@ class BindStartFront:
                 json_body = value == b"application/json"
             elif name == b"authorization":
                 authorization = value.decode("latin-1")
+            elif name == b"content-length":
+                # Malformed lengths are the body limit's to word: let the app answer.
+                if not value.isdigit():
+                    await self.app(scope, receive, send)
+                    return
+                if int(value) > self.max_bytes:
+                    await _send_problem(send, self.too_large())
+                    return
         chunks: list[bytes] = []
+        received = 0
         message: Message = {"more_body": True}
         while message.get("more_body", False):
             message = await receive()
             if message["type"] != "http.request":  # gone: let the route see it
                 await self.app(scope, _replay(chunks, message, receive), send)
                 return
-            chunks.append(message.get("body", b""))
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > self.max_bytes:
+                await _send_problem(send, self.too_large())
+                return
+            chunks.append(chunk)
         body = b"".join(chunks)
         request = _plain_bind_start(body) if json_body else None
         if request is None:
@@ -342,6 +356,28 @@ async def _send_problem_response(send: Send, problem: CloudProblem) -> None:
     """What :func:`problem_response` renders, sent as raw ASGI messages."""
     body = json.dumps(problem.to_problem()).encode("utf-8")
     await _send_response(send, problem.status, PROBLEM_JSON, body, problem.headers)
+
+
+class CloudApp(FastAPI):
+    """The cloud's FastAPI app; ``POST /v1/bind/start`` goes to :attr:`front` first."""
+
+    front: BindStartFront | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        front = self.front
+        if (
+            front is not None
+            and scope["type"] == "http"
+            and scope["path"] == "/v1/bind/start"
+            and scope["method"] == "POST"
+        ):
+            await front(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+    async def framework(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app without the front: FastAPI's middleware, routing and handlers."""
+        await super().__call__(scope, receive, send)
 
 
 def _replay(chunks: list[bytes], last: Message | None, receive: Receive) -> Receive:
@@ -464,7 +500,7 @@ def create_app(
                 await opened.close()
                 state.pop("service", None)
 
-    app = FastAPI(
+    app = CloudApp(
         title="Doorstep cloud",
         version="1",
         summary="DS1 onboarding: bind/start, bind/complete, check-in and owner views (§6).",
@@ -505,9 +541,10 @@ def create_app(
             request.body,
         )
 
-    # Innermost first: the bind/start front runs inside the body limit.
-    app.add_middleware(BindStartFront, service=service, authenticate=authenticate)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.front = BindStartFront(
+        app.framework, service, authenticate, max_bytes=settings.max_body_bytes
+    )
 
     def client_address(request: Request) -> str:
         return request.client.host if request.client else "unknown"
