@@ -292,7 +292,7 @@ class BindService:
                 return limited
             # 4. device checks, then the attempt
             device = await tx.device(challenge.dev_id, lock=True)
-            accepted = self._device_challenge_ok(device, m1, m2, challenge)
+            accepted, k_init = self._device_challenge_ok(device, m1, m2, challenge)
             answer: bytes | None = None
             previous = await tx.replay(challenge.dev_id, challenge.n_d)
             if previous is not None:
@@ -316,6 +316,7 @@ class BindService:
             return await self._new_attempt(
                 tx,
                 device,
+                k_init,
                 principal,
                 request_hash,
                 m1,
@@ -335,8 +336,8 @@ class BindService:
 
     def _device_challenge_ok(
         self, device: DeviceRecord | None, m1: bytes, m2: bytes, challenge: Any
-    ) -> bool:
-        """Tag and registry checks; an unknown device costs the same work."""
+    ) -> tuple[bool, bytes]:
+        """Tag and registry checks, and the K_init they used; an unknown device costs the same."""
         if device is None:
             k_init = self.kek.unwrap(PURPOSE_K_INIT, _DUMMY_DEV_ID, self._dummy_k_init_wrapped)
         else:
@@ -347,13 +348,13 @@ class BindService:
         except AuthenticationError:
             tag_ok = False
         if device is None:
-            return False
+            return False, k_init
         return (
             tag_ok
             & (challenge.mac == device.mac)
             & (challenge.model == device.model)
             & (challenge.reset_ctr >= device.max_reset_ctr)
-        )
+        ), k_init
 
     def _identical_retry(
         self,
@@ -373,6 +374,7 @@ class BindService:
         self,
         tx: RegistryTransaction,
         device: DeviceRecord,
+        k_init: bytes,
         principal: Principal,
         request_hash: bytes,
         m1: bytes,
@@ -382,7 +384,6 @@ class BindService:
         commissioner_nonce: bytes,
         now: int,
     ) -> bytes:
-        k_init = self._unwrap(PURPOSE_K_INIT, device.dev_id, device.k_init_wrapped)
         # One read, sliced in the order attempt id, R, seal nonce, identifier,
         # K_dev, W nonce: each read of the health-tested source has a fixed cost.
         draw = self._draw(_BIND_DRAW)
