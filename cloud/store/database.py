@@ -122,7 +122,7 @@ def _to_sqlite(sql: str) -> str:
     return converted
 
 
-_BATCH_LIMIT = 32  # bodies per COMMIT; also bounds how long one batch holds the loop
+_BATCH_LIMIT = 16  # bodies per COMMIT; also bounds how long one batch holds the loop
 _BUSY_TIMEOUT_MS = 10000
 
 
