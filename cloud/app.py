@@ -296,21 +296,25 @@ class BindStartFront:
         return PayloadTooLarge(f"request bodies are limited to {self.max_bytes} bytes")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        json_body = False
+        content_type: bytes | None = None
         authorization: str | None = None
         for name, value in scope["headers"]:
+            # The first of repeated headers counts, as in Starlette's ``headers.get``.
             if name == b"content-type":
-                json_body = value == b"application/json"
+                if content_type is None:
+                    content_type = value
             elif name == b"authorization":
-                authorization = value.decode("latin-1")
+                if authorization is None:
+                    authorization = value.decode("latin-1")
             elif name == b"content-length":
                 # Malformed lengths are the body limit's to word: let the app answer.
-                if not value.isdigit():
+                if not value.isdigit() or len(value) > 18:
                     await self.app(scope, receive, send)
                     return
                 if int(value) > self.max_bytes:
                     await _send_problem(send, self.too_large())
                     return
+        json_body = content_type == b"application/json"
         chunks: list[bytes] = []
         received = 0
         message: Message = {"more_body": True}

@@ -33,6 +33,7 @@ Decisions where §6 leaves room (also in ``docs``):
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -285,6 +286,15 @@ class BindService:
             ).encode("utf-8")
         ).digest()
 
+        # A hardware entropy supplement is slow (§7 of OPERATIONS.md): read it off the
+        # event loop, before the transaction (SQLite runs bodies on the loop's thread).
+        # Refused requests then read it too, which keeps their timing alike.
+        early_draw = (
+            await asyncio.to_thread(self._draw, _BIND_DRAW)
+            if getattr(self.entropy, "hardware_active", False)
+            else None
+        )
+
         async def body(tx: RegistryTransaction) -> bytes | RateLimited | None:
             # 3. rate limits: their counts are kept even when the request is refused
             limited = await self._rate_limit(tx, principal, challenge.dev_id, client_address, now)
@@ -325,6 +335,7 @@ class BindService:
                 commissioner_pub,
                 commissioner_nonce,
                 now,
+                early_draw,
             )
 
         outcome = await self.registry.run(body)
@@ -383,10 +394,12 @@ class BindService:
         commissioner_pub: bytes,
         commissioner_nonce: bytes,
         now: int,
+        draw: bytes | None,
     ) -> bytes:
         # One read, sliced in the order attempt id, R, seal nonce, identifier,
         # K_dev, W nonce: each read of the health-tested source has a fixed cost.
-        draw = self._draw(_BIND_DRAW)
+        if draw is None:
+            draw = self._draw(_BIND_DRAW)
         attempt_id, session_secret, seal_nonce = draw[:16], draw[16:48], draw[48:60]
         identifier, k_dev, w_nonce = draw[60:76], draw[76:108], draw[108:120]
         epoch = await tx.note_bind_start(device.dev_id, challenge.reset_ctr)

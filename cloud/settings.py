@@ -74,7 +74,7 @@ class Settings:
         return self.completion_window_s + 86400
 
     def __post_init__(self) -> None:
-        if self.attempt_retention_s < self.attempt_validity_s + self.replay_margin_s:
+        if self.attempt_retention_s < self.attempt_validity_s + max(300, self.replay_margin_s):
             raise ConfigurationError(
                 "completion_window_s + 1 day must cover attempt_validity_s + replay_margin_s "
                 "(§6.1: each (dev_id, N_D) is remembered that long)",

@@ -64,7 +64,10 @@ def _plain(value: object, depth: int = 0) -> bool:
     if isinstance(value, list):
         return all(_plain(v, depth + 1) for v in value)
     if isinstance(value, dict):
-        return all(type(k) is int and k >= 0 and _plain(v, depth + 1) for k, v in value.items())
+        return all(
+            type(k) is int and 0 <= k < _INT_LIMIT and _plain(v, depth + 1)
+            for k, v in value.items()
+        )
     return False
 
 

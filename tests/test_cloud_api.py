@@ -339,6 +339,58 @@ async def test_the_bind_start_front_and_the_fastapi_route_answer_alike(cloud: Cl
     assert 400 <= response.status_code < 500, response.text
 
 
+async def test_the_front_reads_the_first_of_repeated_headers_like_the_route(cloud: Cloud) -> None:
+    record = new_factory_record()
+    await register(cloud.registry, cloud.kek, [record])
+    token = await add_user(cloud.registry, "alice")
+    body = json.dumps(start_session(SimDevice(record)).request).encode()
+    answers = []
+    for content_type in ("application/json", "application/json; charset=utf-8"):
+        headers = [
+            ("authorization", "DS1-HMAC id=zz"),
+            ("authorization", f"Bearer {token}"),
+            ("content-type", content_type),
+        ]
+        response = await cloud.client.post("/v1/bind/start", content=body, headers=headers)
+        answers.append((response.status_code, response.json()["code"]))
+    assert answers == [(401, "bad_signature")] * 2
+
+
+class HardwareBackedEntropy(CountingEntropy):
+    """Stands for an EntropySource with ``/dev/hwrng`` mixed in: slow, so read off the loop."""
+
+    hardware_active = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[str] = set()
+
+    def read(self, n: int) -> bytes:
+        import threading
+
+        self.threads.add(threading.current_thread().name)
+        return super().read(n)
+
+
+async def test_a_hardware_backed_source_is_read_off_the_event_loop() -> None:
+    import threading
+
+    entropy = HardwareBackedEntropy()
+    async with in_process_cloud("sqlite:///:memory:", entropy=entropy) as c:
+        record = new_factory_record()
+        await register(c.registry, c.kek, [record])
+        token = await add_user(c.registry, "alice")
+        answer = await onboard(c.client, token, SimDevice(record))
+        assert answer["dev_id"] == record.dev_id.hex()
+        reads = len(entropy.reads)
+        unknown = start_session(SimDevice(new_factory_record())).request
+        refused = await c.client.post("/v1/bind/start", json=unknown, headers=bearer(token))
+        problem(refused, 403, "device_refused")
+    # A refusal reads as much as an answer (same timing), and never on the loop's thread.
+    assert entropy.reads[reads:] == [entropy.reads[0]]
+    assert threading.current_thread().name not in entropy.threads
+
+
 async def test_other_users_attempt_bad_ack_and_expiry(cloud: Cloud) -> None:
     now = [time.time()]
     async with in_process_cloud("sqlite:///:memory:", clock=lambda: now[0]) as c:

@@ -256,6 +256,17 @@ async def test_version_3_keeps_every_replay_record_inside_its_attempt(
         assert found is not None and found.attempt_id == attempt_id and found.n_d == n_d
         assert other is None
 
+        async def old_server_still_writes(tx: RegistryTransaction) -> None:
+            # a version-2 server during a rolling upgrade: its table is still there
+            await tx._tx.execute(
+                "INSERT INTO replays (dev_id, n_d, attempt_id, keep_until) VALUES ($1, $2, $3, 9)",
+                record.dev_id,
+                b"O" * 16,
+                b"C" * 16,
+            )
+
+        await registry.run(old_server_still_writes)
+
         async def same_challenge_again(tx: RegistryTransaction) -> None:
             await tx._tx.execute(
                 "INSERT INTO attempts (attempt_id, dev_id, principal, user_id, request_hash, th, "
@@ -283,3 +294,11 @@ def test_settings_that_would_forget_a_challenge_too_soon_are_refused() -> None:
         Settings(completion_window_s=0, attempt_validity_s=86400, replay_margin_s=300)
     assert info.value.code == "bad_settings"
     assert Settings().attempt_retention_s >= Settings().attempt_validity_s + 300
+
+
+async def test_a_closed_database_refuses_new_work(tmp_path: Path) -> None:
+    registry = await open_registry(f"sqlite:///{tmp_path}/closed.db")
+    await _add(registry, "before")
+    await registry.close()
+    with pytest.raises(ConnectionError, match="database closed"):
+        await _add(registry, "after")

@@ -148,6 +148,7 @@ def test_fragment_reassemble_round_trip(message: bytes, size: int) -> None:
         (bytes.fromhex("a101c24101"), "cbor_wrong_type"),  # tag
         # a bignum (tag 2) of 2**64, which cbor2 reads as a plain int and writes back alike
         (bytes.fromhex("a101c249010000000000000000"), "cbor_wrong_type"),
+        (bytes.fromhex("a20141aac24901000000000000000001"), "cbor_bad_key"),  # ... or as a key
         (bytes.fromhex("a101f93c00"), "cbor_wrong_type"),  # float
         (bytes.fromhex("a101f5"), "cbor_wrong_type"),  # true
         (bytes.fromhex("a10158"), "cbor_truncated"),

@@ -163,6 +163,7 @@ class SqliteDatabase:
         self._checkpointer = checkpointer
         self._queue: list[tuple[Body[Any], asyncio.Future[Any], bool]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
         self.batches = 0  # for benchmarks: how many COMMITs served how many bodies
         self.bodies = 0
 
@@ -192,6 +193,8 @@ class SqliteDatabase:
         return conn
 
     async def run(self, body: Body[T], *, heavy: bool = False) -> T:
+        if self._closed:
+            raise ConnectionError("database closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.append((body, future, heavy))
         if self._flusher is None:
@@ -210,15 +213,39 @@ class SqliteDatabase:
         batch, self._queue = self._queue[:size], self._queue[size:]
         return batch
 
+    async def _on_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(connection, *args)`` on aiosqlite's thread.
+
+        If the caller is cancelled meanwhile, this still waits for ``fn`` to
+        finish before passing the cancellation on, so that the connection is
+        never used from two threads at once.
+        """
+        task = asyncio.ensure_future(_in_connection_thread(self._conn, fn, *args))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            while not task.done():
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(task)
+            raise
+
     async def _run_light(self, bodies: list[Body[Any]]) -> list[tuple[bool, Any]]:
         conn: sqlite3.Connection = self._conn._conn  # type: ignore[attr-defined]
+        if conn.in_transaction:  # never expected: do not build on a stray transaction
+            conn.execute("ROLLBACK")
         try:
             conn.execute("BEGIN IMMEDIATE")  # busy_timeout is 0 on this connection
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+            # Extended codes (e.g. SQLITE_BUSY_RECOVERY) carry the primary code in the low byte.
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
                 raise
             # Another process is writing: wait for it off the event loop.
-            await _in_connection_thread(self._conn, _begin_waiting)
+            try:
+                await self._on_thread(_begin_waiting)
+            except BaseException:
+                if conn.in_transaction:  # cancelled after the BEGIN succeeded
+                    conn.execute("ROLLBACK")
+                raise
         try:
             outcomes = _run_bodies(conn, bodies)
         except BaseException:
@@ -237,7 +264,7 @@ class SqliteDatabase:
                 bodies = [body for body, _, _ in batch]
                 try:
                     if batch[0][2]:
-                        outcomes = await _in_connection_thread(self._conn, _run_batch, bodies)
+                        outcomes = await self._on_thread(_run_batch, bodies)
                     else:
                         outcomes = await self._run_light(bodies)
                 except BaseException as exc:  # the COMMIT (or BEGIN) failed: all of them did
@@ -269,6 +296,7 @@ class SqliteDatabase:
             await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     async def close(self) -> None:
+        self._closed = True
         if self.batches:
             log.info(
                 "SQLite group commit: %d transaction bodies in %d batches (%.1f per COMMIT)",
@@ -280,8 +308,9 @@ class SqliteDatabase:
             with contextlib.suppress(BaseException):
                 await asyncio.shield(self._flusher)
         if self._checkpointer is not None:
+            # On the connection that waits for other processes (busy_timeout 10 s).
+            await self._checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             await self._checkpointer.close()
-        await self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         await self._conn.close()
 
 

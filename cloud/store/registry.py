@@ -405,8 +405,12 @@ class RegistryTransaction:
     # -- maintenance --------------------------------------------------------------------
 
     async def prune(self, now: int, *, attempt_retention_s: int, rate_window_s: int) -> None:
-        """Drop expired nonces, rate windows and stale unbound attempts (with their replay records)."""
+        """Drop expired nonces, rate windows and stale unbound attempts (with their replay records).
+
+        ``replays`` only holds what servers before schema version 3 wrote.
+        """
         await self._tx.execute("DELETE FROM sig_nonces WHERE keep_until < $1", now)
+        await self._tx.execute("DELETE FROM replays WHERE keep_until < $1", now)
         await self._tx.execute(
             "DELETE FROM rate_counters WHERE window_start < $1", now - 2 * rate_window_s
         )

@@ -10,7 +10,9 @@ K_init, highest reset_ctr seen, owner, active and pending identity, last epoch),
 ``identities`` (every issued identifier with its wrapped K_dev and state),
 ``attempts`` (pending binds, with the wrapped 201 answer for identical
 retries and, since version 3, the (dev_id, N_D) replay record as a unique
-index; version 1's ``replays`` table is folded into it), ``sig_nonces`` (§6.3 nonces),
+index), ``replays`` (where version 2 kept those records; read by nothing since
+version 3, pruned, left in place for servers still running version 2 during a
+rolling upgrade), ``sig_nonces`` (§6.3 nonces),
 ``rate_counters`` (fixed-window counters shared by all instances) and the
 append-only ``audit_log``.
 """
@@ -140,13 +142,14 @@ _V2: Final[dict[str, list[str]]] = {
 
 # The (dev_id, N_D) replay record moves into attempts: one row and two index
 # entries fewer per bind/start. An attempt is kept at least as long as its
-# replay record was, so nothing replayable is forgotten sooner.
+# replay record was, so nothing replayable is forgotten sooner. ``replays``
+# stays (unread, pruned) so that a server still on version 2 keeps working
+# while the others upgrade; dropping it is for a later migration.
 _V3: Final = """
 ALTER TABLE attempts ADD COLUMN n_d {blob};
 UPDATE attempts SET n_d = (SELECT n_d FROM replays WHERE replays.attempt_id = attempts.attempt_id);
 CREATE UNIQUE INDEX attempts_replay ON attempts(dev_id, n_d);
-DROP INDEX attempts_dev;
-DROP TABLE replays
+DROP INDEX attempts_dev
 """
 
 
