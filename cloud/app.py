@@ -50,7 +50,10 @@ from cloud.store.registry import Registry, RegistryTransaction, open_registry
 log = logging.getLogger("doorstep.cloud")
 
 PROBLEM_JSON = "application/problem+json"
-_B64 = r"^[A-Za-z0-9_-]*$"
+_B64_TEXT = re.compile(r"[A-Za-z0-9_-]*")  # base64url without padding
+_B64 = f"^{_B64_TEXT.pattern}$"
+#: §6.1 request fields and their longest accepted text (the model and the front share these).
+_BIND_START_FIELDS = {"m1": 4096, "m2": 4096, "commissioner_pub": 64, "commissioner_nonce": 64}
 
 
 # --- schemas (for validation and the OpenAPI document) -----------------------------------
@@ -59,10 +62,12 @@ _B64 = r"^[A-Za-z0-9_-]*$"
 class BindStartRequest(BaseModel):
     """§6.1 request; binary fields are base64url without padding."""
 
-    m1: str = Field(max_length=4096, pattern=_B64)
-    m2: str = Field(max_length=4096, pattern=_B64)
-    commissioner_pub: str = Field(max_length=64, pattern=_B64)
-    commissioner_nonce: str = Field(max_length=64, pattern=_B64)
+    m1: str = Field(max_length=_BIND_START_FIELDS["m1"], pattern=_B64)
+    m2: str = Field(max_length=_BIND_START_FIELDS["m2"], pattern=_B64)
+    commissioner_pub: str = Field(max_length=_BIND_START_FIELDS["commissioner_pub"], pattern=_B64)
+    commissioner_nonce: str = Field(
+        max_length=_BIND_START_FIELDS["commissioner_nonce"], pattern=_B64
+    )
 
 
 class DeviceSummary(BaseModel):
@@ -192,11 +197,11 @@ class BodyLimitMiddleware:
                     declared = int(value)
                 except ValueError:
                     await _send_problem(
-                        send, BadRequest("bad Content-Length", code="malformed_body")
+                        send, BadRequest("bad Content-Length", code="malformed_body"), close=True
                     )
                     return
                 if declared > self.max_bytes:
-                    await _send_problem(send, too_large)
+                    await _send_problem(send, too_large, close=True)
                     return
         received = 0
         overflow = False
@@ -218,7 +223,7 @@ class BodyLimitMiddleware:
                 # Whatever the app made of the aborted read, the answer is 413.
                 if not replied:
                     replied = True
-                    await _send_problem(send, too_large)
+                    await _send_problem(send, too_large, close=True)
                 return
             if message["type"] == "http.response.start":
                 replied = True
@@ -228,18 +233,10 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, guarded_send)
         except PayloadTooLarge:
             if not replied:
-                await _send_problem(send, too_large)
+                await _send_problem(send, too_large, close=True)
 
 
 # --- bind/start without the framework's per-request machinery ----------------------------
-
-_BIND_START_FIELDS = {
-    "m1": 4096,
-    "m2": 4096,
-    "commissioner_pub": 64,
-    "commissioner_nonce": 64,
-}
-_B64_TEXT = re.compile(r"[A-Za-z0-9_-]*")
 
 
 def _plain_bind_start(body: bytes) -> BindStartInput | None:
@@ -291,6 +288,7 @@ class BindStartFront:
         self.service = service
         self.authenticate = authenticate
         self.max_bytes = max_bytes
+        self.answered = 0  # bind/starts answered here rather than by the route (for tests)
 
     def too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"request bodies are limited to {self.max_bytes} bytes")
@@ -312,7 +310,7 @@ class BindStartFront:
                     await self.app(scope, receive, send)
                     return
                 if int(value) > self.max_bytes:
-                    await _send_problem(send, self.too_large())
+                    await _send_problem(send, self.too_large(), close=True)
                     return
         json_body = content_type == b"application/json"
         chunks: list[bytes] = []
@@ -326,7 +324,7 @@ class BindStartFront:
             chunk = message.get("body", b"")
             received += len(chunk)
             if received > self.max_bytes:
-                await _send_problem(send, self.too_large())
+                await _send_problem(send, self.too_large(), close=True)
                 return
             chunks.append(chunk)
         body = b"".join(chunks)
@@ -347,19 +345,14 @@ class BindStartFront:
                 principal, request, client[0] if client else "unknown"
             )
         except CloudProblem as refused:
-            await _send_problem_response(send, refused)
+            await _send_problem(send, refused)
             return
         except Exception as exc:
             log.error("unexpected error: %s", type(exc).__name__)
-            await _send_problem_response(send, CloudProblem("internal error", code="internal_error"))
+            await _send_problem(send, CloudProblem("internal error", code="internal_error"))
             return
+        self.answered += 1
         await _send_response(send, 201, "application/json", answer)
-
-
-async def _send_problem_response(send: Send, problem: CloudProblem) -> None:
-    """What :func:`problem_response` renders, sent as raw ASGI messages."""
-    body = json.dumps(problem.to_problem()).encode("utf-8")
-    await _send_response(send, problem.status, PROBLEM_JSON, body, problem.headers)
 
 
 class CloudApp(FastAPI):
@@ -417,15 +410,14 @@ async def _send_response(
     await send({"type": "http.response.body", "body": body})
 
 
-async def _send_problem(send: Send, problem: CloudProblem) -> None:
+async def _send_problem(send: Send, problem: CloudProblem, *, close: bool = False) -> None:
+    """What :func:`problem_response` renders, sent as raw ASGI messages.
+
+    ``close``: also end the connection (a body that was cut off mid-read).
+    """
+    headers = problem.headers | {"Connection": "close"} if close else problem.headers
     body = json.dumps(problem.to_problem()).encode("utf-8")
-    headers = [
-        (b"content-type", PROBLEM_JSON.encode()),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),
-    ]
-    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await _send_response(send, problem.status, PROBLEM_JSON, body, headers)
 
 
 # --- the app factory -----------------------------------------------------------------------

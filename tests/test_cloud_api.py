@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import statistics
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -37,6 +38,7 @@ from cloud_helpers import (
     start_session,
 )
 from protocol.encoding import b64url_decode, b64url_encode
+from protocol.entropy import EntropySource
 from protocol.factory import FactoryRecord
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not PG_DSN, reason=PG_SKIP_REASON))]
@@ -297,9 +299,11 @@ async def test_the_bind_start_front_and_the_fastapi_route_answer_alike(cloud: Cl
         (good, {"authorization": "Basic eA=="}),
         (good, {"authorization": "DS1-HMAC id=zz"}),
     ]
+    front = cloud.app.front
     for body, auth in cases:
         answers = []
         for content_type in ("application/json", "application/json; charset=utf-8"):
+            answered_before = front.answered
             response = await cloud.client.post(
                 "/v1/bind/start",
                 content=json.dumps(body).encode(),
@@ -313,8 +317,12 @@ async def test_the_bind_start_front_and_the_fastapi_route_answer_alike(cloud: Cl
                     response.headers.get("www-authenticate"),
                 )
             )
+            # 201s show who answered: the front for plain JSON, the route otherwise
+            served_by_front = front.answered - answered_before
+            assert served_by_front == (response.status_code == 201 and content_type == "application/json")
         assert answers[0] == answers[1], (body.keys(), auth.keys())
     assert answers[0][0] == 401
+    assert front.answered == 1
     # Fields the model ignores, and refusals worded by FastAPI, still work through the front.
     extra = start_session(SimDevice(record)).request | {"note": "ignored"}
     response = await cloud.client.post("/v1/bind/start", json=extra, headers=bearer(token))
@@ -356,39 +364,34 @@ async def test_the_front_reads_the_first_of_repeated_headers_like_the_route(clou
     assert answers == [(401, "bad_signature")] * 2
 
 
-class HardwareBackedEntropy(CountingEntropy):
-    """Stands for an EntropySource with ``/dev/hwrng`` mixed in: slow, so read off the loop."""
-
-    hardware_active = True
+class RecordingHardware:
+    """A hardware RNG for the real EntropySource: OS bytes, noting each read and its thread."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.threads: set[str] = set()
+        self.reads: list[tuple[int, str]] = []
 
     def read(self, n: int) -> bytes:
-        import threading
-
-        self.threads.add(threading.current_thread().name)
-        return super().read(n)
+        self.reads.append((n, threading.current_thread().name))
+        return os.urandom(n)
 
 
 async def test_a_hardware_backed_source_is_read_off_the_event_loop() -> None:
-    import threading
-
-    entropy = HardwareBackedEntropy()
+    hardware = RecordingHardware()
+    entropy = EntropySource(hardware=hardware)
     async with in_process_cloud("sqlite:///:memory:", entropy=entropy) as c:
         record = new_factory_record()
         await register(c.registry, c.kek, [record])
         token = await add_user(c.registry, "alice")
         answer = await onboard(c.client, token, SimDevice(record))
         assert answer["dev_id"] == record.dev_id.hex()
-        reads = len(entropy.reads)
+        reads = len(hardware.reads)
         unknown = start_session(SimDevice(new_factory_record())).request
         refused = await c.client.post("/v1/bind/start", json=unknown, headers=bearer(token))
         problem(refused, 403, "device_refused")
     # A refusal reads as much as an answer (same timing), and never on the loop's thread.
-    assert entropy.reads[reads:] == [entropy.reads[0]]
-    assert threading.current_thread().name not in entropy.threads
+    assert [n for n, _ in hardware.reads[reads:]] == [120]
+    assert hardware.reads[0][0] == 1024  # the start-up test, then one 120-byte read per bind
+    assert threading.current_thread().name not in {name for _, name in hardware.reads}
 
 
 async def test_other_users_attempt_bad_ack_and_expiry(cloud: Cloud) -> None:

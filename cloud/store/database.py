@@ -246,13 +246,7 @@ class SqliteDatabase:
                 if conn.in_transaction:  # cancelled after the BEGIN succeeded
                     conn.execute("ROLLBACK")
                 raise
-        try:
-            outcomes = _run_bodies(conn, bodies)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        _commit(conn)
-        return outcomes
+        return _run_and_commit(conn, bodies)
 
     async def _flush(self) -> None:
         try:
@@ -323,40 +317,31 @@ def _begin_waiting(conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA busy_timeout=0")
 
 
-def _commit(conn: sqlite3.Connection) -> None:
+def _run_and_commit(conn: sqlite3.Connection, bodies: list[Body[Any]]) -> list[tuple[bool, Any]]:
+    """In the open transaction: each body in its own SAVEPOINT, then COMMIT (or ROLLBACK)."""
+    tx = _SqliteTransaction(conn)
+    outcomes: list[tuple[bool, Any]] = []
     try:
+        for body in bodies:
+            conn.execute("SAVEPOINT body")
+            try:
+                outcomes.append((True, _drive(body, tx)))
+            except Exception as exc:
+                conn.execute("ROLLBACK TO body")
+                outcomes.append((False, exc))
+            conn.execute("RELEASE body")
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-
-
-def _run_bodies(conn: sqlite3.Connection, bodies: list[Body[Any]]) -> list[tuple[bool, Any]]:
-    """Inside an open transaction: each body in its own SAVEPOINT."""
-    tx = _SqliteTransaction(conn)
-    outcomes: list[tuple[bool, Any]] = []
-    for body in bodies:
-        conn.execute("SAVEPOINT body")
-        try:
-            outcomes.append((True, _drive(body, tx)))
-        except Exception as exc:
-            conn.execute("ROLLBACK TO body")
-            outcomes.append((False, exc))
-        conn.execute("RELEASE body")
     return outcomes
 
 
 def _run_batch(conn: sqlite3.Connection, bodies: list[Body[Any]]) -> list[tuple[bool, Any]]:
     """On the connection thread: every one of ``bodies`` in one transaction."""
     _begin_waiting(conn)
-    try:
-        outcomes = _run_bodies(conn, bodies)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    _commit(conn)
-    return outcomes
+    return _run_and_commit(conn, bodies)
 
 
 async def _in_connection_thread(conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
