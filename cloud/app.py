@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -673,7 +674,23 @@ def settings_from_env(env: dict[str, str] | None = None) -> Settings:
 
 def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory cloud.app:app_from_env`` (several workers)."""
-    return create_app(settings_from_env())
+    app = create_app(settings_from_env())
+    freeze_startup_heap()
+    return app
+
+
+def freeze_startup_heap() -> None:
+    """Keep what start-up built (modules, FastAPI's routes and models) out of the collector.
+
+    A served process holds ~70 000 long-lived objects from its start-up; on this
+    class of machine a full (generation 2) collection over them held the event
+    loop for 27–40 ms, several times a minute under load, and set the p99 of every
+    phase of ``bench/cloud_load.py``. Frozen, they are never scanned again
+    (a full collection then took ≤ 2.3 ms); garbage made while serving is
+    collected as before. Only for served processes: a frozen object is never freed.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 ProblemHandler = Callable[[Request, Exception], Awaitable[Response]]

@@ -137,7 +137,7 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from cloud.app import create_app, settings_from_env
+    from cloud.app import create_app, freeze_startup_heap, settings_from_env
 
     url = _db(args)
     if args.kek_file:
@@ -159,6 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     settings = settings_from_env()
     app = create_app(settings)
+    freeze_startup_heap()
     print(f"serving on http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

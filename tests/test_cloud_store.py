@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import aiosqlite
@@ -19,7 +21,12 @@ import pytest
 
 from cloud.keys import KeyEncryptionKey
 from cloud.settings import Settings
-from cloud.store.database import _BATCH_LIMIT, BodySuspended, SqliteDatabase
+from cloud.store.database import (
+    _BATCH_LIMIT,
+    BodySuspended,
+    SqliteDatabase,
+    _in_connection_thread,
+)
 from cloud.store.registry import Registry, RegistryTransaction, open_registry
 from cloud_helpers import (
     PG_DSN,
@@ -147,6 +154,30 @@ async def test_results_are_returned_only_after_they_are_on_disk(tmp_path: Path) 
 
     try:
         await asyncio.gather(*(add_then_look(f"w{i}") for i in range(40)))
+    finally:
+        await registry.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities are a POSIX call")
+async def test_checkpoints_run_on_a_thread_that_yields_the_cpu_to_requests(tmp_path: Path) -> None:
+    """A checkpoint after 10 s of load is ~200 ms of CPU; it must not take it from the loop."""
+    registry = await open_registry(f"sqlite:///{tmp_path}/c.db")
+    try:
+        database = registry.database
+        assert isinstance(database, SqliteDatabase)
+
+        def nice(_conn: sqlite3.Connection) -> int:
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        assert database._checkpointer is not None
+        assert await _in_connection_thread(database._checkpointer, nice) == 19
+        # The writer's thread (waits for other processes, heavy bodies) keeps its priority.
+        assert await _in_connection_thread(database._conn, nice) == os.getpriority(
+            os.PRIO_PROCESS, 0
+        )
+        await _add(registry, "ann")
+        await database.checkpoint()  # still works at that priority
+        assert await _user_names(registry) == ["ann"]
     finally:
         await registry.close()
 
