@@ -673,7 +673,11 @@ def settings_from_env(env: dict[str, str] | None = None) -> Settings:
 
 
 def app_from_env() -> FastAPI:
-    """Factory for ``uvicorn --factory cloud.app:app_from_env`` (several workers)."""
+    """The served app, its start-up heap frozen.
+
+    For ``doorstep cloud serve`` and for each worker of ``--workers N``
+    (``uvicorn --factory cloud.app:app_from_env``).
+    """
     app = create_app(settings_from_env())
     freeze_startup_heap()
     return app

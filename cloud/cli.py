@@ -137,7 +137,7 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from cloud.app import create_app, freeze_startup_heap, settings_from_env
+    from cloud.app import app_from_env
 
     url = _db(args)
     if args.kek_file:
@@ -157,9 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_level=args.log_level,
         )
         return 0
-    settings = settings_from_env()
-    app = create_app(settings)
-    freeze_startup_heap()
+    app = app_from_env()  # what each of several workers builds, start-up heap frozen
     print(f"serving on http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
