@@ -634,20 +634,25 @@ def create_app(
 
 
 async def _maintain(service: BindService, settings: Settings) -> None:
-    """Prune expired rows and checkpoint the WAL, off the request path."""
+    """Checkpoint the WAL and prune expired rows, off the request path."""
+    loop = asyncio.get_running_loop()
+    tick = min(settings.checkpoint_interval_s, settings.maintenance_interval_s)
+    next_prune = loop.time() + settings.maintenance_interval_s
     while True:
-        await asyncio.sleep(settings.maintenance_interval_s)
+        await asyncio.sleep(tick)
         try:
-            now = service.now()
+            if loop.time() >= next_prune:
+                next_prune = loop.time() + settings.maintenance_interval_s
+                now = service.now()
 
-            async def prune(tx: RegistryTransaction, now: int = now) -> None:
-                await tx.prune(
-                    now,
-                    attempt_retention_s=settings.attempt_retention_s,
-                    rate_window_s=settings.rate_window_s,
-                )
+                async def prune(tx: RegistryTransaction, now: int = now) -> None:
+                    await tx.prune(
+                        now,
+                        attempt_retention_s=settings.attempt_retention_s,
+                        rate_window_s=settings.rate_window_s,
+                    )
 
-            await service.registry.run(prune, heavy=True)
+                await service.registry.run(prune, heavy=True)
             await service.registry.checkpoint()
         except asyncio.CancelledError:
             raise
@@ -667,8 +672,12 @@ def settings_from_env(env: dict[str, str] | None = None) -> Settings:
     overrides: dict[str, Any] = {
         field: int(env[name]) for field, name in numbers.items() if env.get(name)
     }
-    if env.get("DOORSTEP_CLOUD_MAINTENANCE_S"):
-        overrides["maintenance_interval_s"] = float(env["DOORSTEP_CLOUD_MAINTENANCE_S"])
+    for field, name in (
+        ("maintenance_interval_s", "DOORSTEP_CLOUD_MAINTENANCE_S"),
+        ("checkpoint_interval_s", "DOORSTEP_CLOUD_CHECKPOINT_S"),
+    ):
+        if env.get(name):
+            overrides[field] = float(env[name])
     return Settings(database_url=env.get(ENV_DB) or default_database_url(env), **overrides)
 
 

@@ -19,6 +19,7 @@ import aiosqlite
 import httpx
 import pytest
 
+from cloud.app import create_app
 from cloud.keys import KeyEncryptionKey
 from cloud.settings import Settings
 from cloud.store.database import (
@@ -32,6 +33,7 @@ from cloud_helpers import (
     PG_DSN,
     PG_SKIP_REASON,
     TEST_KEK,
+    CountingEntropy,
     add_user,
     drop_pg_schema,
     in_process_cloud,
@@ -180,6 +182,83 @@ async def test_checkpoints_run_on_a_thread_that_yields_the_cpu_to_requests(tmp_p
         assert await _user_names(registry) == ["ann"]
     finally:
         await registry.close()
+
+
+def _wal_restarts(path: Path) -> int:
+    """The WAL header's checkpoint sequence number: SQLite adds one each time the WAL starts over."""
+    return int.from_bytes(path.with_name(path.name + "-wal").read_bytes()[12:16], "big")
+
+
+async def test_checkpoints_let_the_wal_start_over_while_requests_keep_writing(
+    tmp_path: Path,
+) -> None:
+    """Passive checkpoints alone never caught up with a busy writer: the WAL only grew."""
+    path = tmp_path / "c.db"
+    registry = await open_registry(f"sqlite:///{path}")
+    database = registry.database
+    assert isinstance(database, SqliteDatabase)
+    writing = True
+    written = 0
+
+    async def writer(k: int) -> None:
+        nonlocal written
+        while writing:
+            await _add(registry, f"w{k}-{written}")
+            written += 1
+
+    writers = [asyncio.create_task(writer(k)) for k in range(8)]
+    try:
+        while written < 500:
+            await asyncio.sleep(0.01)
+        restarts = _wal_restarts(path)
+        for _ in range(3):
+            await database.checkpoint()  # the writers keep committing meanwhile
+            until = written + 50
+            while written < until:
+                await asyncio.sleep(0.01)
+        assert _wal_restarts(path) > restarts
+    finally:
+        writing = False
+        await asyncio.gather(*writers)
+        await registry.close()
+    # Nothing was lost on the way.
+    reopened = await open_registry(f"sqlite:///{path}")
+    try:
+        assert len(await _user_names(reopened)) == written
+    finally:
+        await reopened.close()
+
+
+async def test_a_serving_app_checkpoints_and_prunes_on_its_own(tmp_path: Path) -> None:
+    """The lifespan's maintenance task: WAL checkpoints every checkpoint_interval_s, pruning
+    every maintenance_interval_s (here a rate window older than two windows)."""
+    path = tmp_path / "m.db"
+    now = 1_000_000
+    settings = Settings(
+        database_url=f"sqlite:///{path}", maintenance_interval_s=0.05, checkpoint_interval_s=0.01
+    )
+    app = create_app(settings, kek=TEST_KEK, entropy=CountingEntropy(), clock=lambda: now)
+
+    def windows() -> list[int]:
+        with contextlib.closing(sqlite3.connect(path)) as other:
+            rows = other.execute("SELECT window_start FROM rate_counters ORDER BY window_start")
+            return [int(row[0]) for row in rows]
+
+    async with app.router.lifespan_context(app):
+        registry = app.state.cloud["service"].registry
+        old, current = now - 3 * settings.rate_window_s, now - now % settings.rate_window_s
+        await registry.run(lambda tx: tx.hits(["user:1"], old))
+        await registry.run(lambda tx: tx.hits(["user:1"], current))
+        restarts = _wal_restarts(path)
+        written = 0
+        for _ in range(1000):  # at most ~10 s
+            if _wal_restarts(path) > restarts and windows() == [current]:
+                break
+            await _add(registry, f"u{written}")
+            written += 1
+            await asyncio.sleep(0.01)
+        assert _wal_restarts(path) > restarts
+        assert windows() == [current]
 
 
 def test_the_aiosqlite_hook_we_rely_on_exists() -> None:

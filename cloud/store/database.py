@@ -19,6 +19,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -127,6 +128,13 @@ def _to_sqlite(sql: str) -> str:
 _BATCH_LIMIT = 16  # bodies per COMMIT; also bounds how long one batch holds the loop
 _BUSY_TIMEOUT_MS = 10000
 _CHECKPOINT_NICE = 19  # the lowest priority: see _lower_thread_priority
+#: Background checkpoint passes before the last frames are copied between batches
+#: (see SqliteDatabase.checkpoint); a pass this short left only a few frames behind it.
+_CHECKPOINT_PASSES = 4
+_CHECKPOINT_SHORT_PASS_S = 0.005
+#: After a checkpoint let the next write start the WAL over, the file is cut
+#: back to this size (it otherwise stays as large as the largest backlog).
+_WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 
 class SqliteDatabase:
@@ -152,9 +160,9 @@ class SqliteDatabase:
     capped at ``_BATCH_LIMIT`` bodies so one never holds the loop for long.
 
     ``BEGIN IMMEDIATE`` with a busy timeout keeps several server processes on
-    one file correct. Automatic WAL checkpoints are off: :meth:`checkpoint`
-    runs a PASSIVE checkpoint from the maintenance task on a second
-    connection, so it never waits in the request queue.
+    one file correct. Automatic WAL checkpoints are off: the maintenance task
+    calls :meth:`checkpoint`, which does the copying on a second connection's
+    thread, so it never waits in the request queue.
     """
 
     dialect = "sqlite"
@@ -165,7 +173,10 @@ class SqliteDatabase:
         self._conn = conn
         self._checkpointer = checkpointer
         self._queue: list[tuple[Body[Any], asyncio.Future[Any], bool]] = []
+        #: ``fn(connection)`` to run on the loop's thread between two batches
+        self._between: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._checkpointed_at = -1  # self.batches when the last checkpoint began
         self._closed = False
         self.batches = 0  # for benchmarks: how many COMMITs served how many bodies
         self.bodies = 0
@@ -192,6 +203,7 @@ class SqliteDatabase:
             f"PRAGMA busy_timeout={busy_timeout_ms}",
             "PRAGMA foreign_keys=ON",
             "PRAGMA wal_autocheckpoint=0",
+            f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}",
             "PRAGMA cache_size=-65536",
         ):
             await conn.execute(pragma)
@@ -253,10 +265,30 @@ class SqliteDatabase:
                 raise
         return _run_and_commit(conn, bodies)
 
+    async def _between_batches(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(connection)`` on the loop's thread, outside any transaction, between batches."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._between.append((fn, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    def _run_between(self) -> None:
+        conn: sqlite3.Connection = self._conn._conn  # type: ignore[attr-defined]
+        ops, self._between = self._between, []
+        for fn, future in ops:
+            if future.done():
+                continue
+            try:
+                future.set_result(fn(conn))
+            except Exception as exc:
+                future.set_exception(exc)
+
     async def _flush(self) -> None:
         try:
-            while self._queue:
+            while self._queue or self._between:
                 await asyncio.sleep(0)  # let requests that are already readable join
+                self._run_between()
                 batch = self._next_batch()
                 if not batch:
                     continue
@@ -284,15 +316,39 @@ class SqliteDatabase:
                         future.set_exception(value)
         finally:
             self._flusher = None
-            if self._queue:  # cancelled mid-way: fail the rest rather than hang them
-                for _, future, _ in self._queue:
+            if self._queue or self._between:  # cancelled mid-way: fail the rest, don't hang them
+                for future in [f for _, f, _ in self._queue] + [f for _, f in self._between]:
                     if not future.done():
                         future.set_exception(ConnectionError("database closed"))
-                self._queue = []
+                self._queue, self._between = [], []
 
     async def checkpoint(self) -> None:
-        if self._checkpointer is not None:  # an in-memory database has no WAL
+        """Copy the WAL into the database file, so that the next write starts the WAL over.
+
+        SQLite starts the WAL over only when a write begins with every frame
+        already copied. A PASSIVE checkpoint copies the frames that were there
+        when it began, and under steady load more are always appended while it
+        runs, so checkpoints of that kind alone let the WAL grow without bound
+        (1.6 GB after 16 s of full load in ``bench/cloud_load.py``), and every
+        request got slower as it grew. So: passes on the checkpointer's thread
+        (concurrent with requests, at low priority) until one is short, which
+        leaves only the few frames appended during it; those are copied on the
+        writer's connection between two batches, where nothing can be appended
+        meanwhile. Nothing is done if nothing was written since the last time.
+        """
+        if self._checkpointer is None or self._closed:  # an in-memory database has no WAL
+            return
+        if self.batches == self._checkpointed_at:
+            return
+        self._checkpointed_at = self.batches
+        for _ in range(_CHECKPOINT_PASSES):
+            started = time.monotonic()
             await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            if time.monotonic() - started < _CHECKPOINT_SHORT_PASS_S:
+                break
+        if not self._closed:
+            # busy_timeout is 0 here: if another process is checkpointing, this just returns.
+            await self._between_batches(_checkpoint_passive)
 
     async def close(self) -> None:
         self._closed = True
@@ -325,6 +381,10 @@ def _lower_thread_priority(_conn: sqlite3.Connection) -> None:
     """
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _CHECKPOINT_NICE)
+
+
+def _checkpoint_passive(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def _begin_waiting(conn: sqlite3.Connection) -> None:
