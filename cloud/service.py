@@ -297,11 +297,12 @@ class BindService:
 
         async def body(tx: RegistryTransaction) -> bytes | RateLimited | None:
             # 3. rate limits: their counts are kept even when the request is refused
-            limited = await self._rate_limit(tx, principal, challenge.dev_id, client_address, now)
+            device, limited = await self._rate_limit(
+                tx, principal, challenge.dev_id, client_address, now
+            )
             if limited is not None:
                 return limited
             # 4. device checks, then the attempt
-            device = await tx.device(challenge.dev_id, lock=True)
             accepted, k_init = self._device_challenge_ok(device, m1, m2, challenge)
             answer: bytes | None = None
             previous = await tx.replay(challenge.dev_id, challenge.n_d)
@@ -469,20 +470,32 @@ class BindService:
         dev_id: bytes,
         client_address: str,
         now: int,
-    ) -> RateLimited | None:
-        """Count this request in every bucket; the first one over its limit, if any."""
+    ) -> tuple[DeviceRecord | None, RateLimited | None]:
+        """Count this request in every bucket: the device (locked, None if unknown) and
+        the first bucket over its limit, if any.
+
+        A registered device is counted in its own row, an unknown dev_id in a
+        ``dev:`` bucket: either way two statements, and the same limit.
+        """
         window = self.settings.rate_window_s
         start = now - now % window
-        checks = (
-            (f"user:{principal.user_id}", self.settings.rate_per_user, "user"),
-            (f"dev:{dev_id.hex()}", self.settings.rate_per_device, "device"),
-            (f"addr:{client_address}", self.settings.rate_per_address, "client address"),
-        )
-        counts = await tx.hits([bucket for bucket, _, _ in checks], start)
-        for bucket, limit, scope in checks:
-            if counts[bucket] > limit:
-                return RateLimited(start + window - now, scope)
-        return None
+        device, device_hits = await tx.count_bind_start(dev_id, start)
+        user_bucket, address_bucket = f"user:{principal.user_id}", f"addr:{client_address}"
+        buckets = [user_bucket, address_bucket]
+        if device is None:
+            device_bucket = f"dev:{dev_id.hex()}"
+            buckets.append(device_bucket)
+        counts = await tx.hits(buckets, start)
+        if device is None:
+            device_hits = counts[device_bucket]
+        for hits, limit, scope in (
+            (counts[user_bucket], self.settings.rate_per_user, "user"),
+            (device_hits, self.settings.rate_per_device, "device"),
+            (counts[address_bucket], self.settings.rate_per_address, "client address"),
+        ):
+            if hits > limit:
+                return device, RateLimited(start + window - now, scope)
+        return device, None
 
     # -- §6.2 bind/complete and §6.4 check-in ----------------------------------------------
 

@@ -483,6 +483,35 @@ async def test_rate_limits_answer_429_with_retry_after() -> None:
         problem(await c.client.post("/v1/bind/start", json=bad, headers=bearer(token)), 400, "bad_commitment")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_the_device_limit_holds_alike_for_registered_and_unknown_dev_ids(
+    backend: str,
+) -> None:
+    """A registered device is counted in its own row, an unknown dev_id in a bucket:
+    the same limit, the same 429, and a new window starts both over."""
+    url = backend_url(backend, None)
+    now = [1_800_000_000.0]
+    settings = Settings(database_url=url, rate_per_user=100, rate_per_device=2, rate_per_address=100)
+    async with in_process_cloud(url, settings=settings, clock=lambda: now[0]) as c:
+        record = new_factory_record()
+        await register(c.registry, c.kek, [record])
+        token = await add_user(c.registry, "alice")
+        known = lambda: start_session(SimDevice(record)).request  # noqa: E731
+        unknown_record = new_factory_record()
+        unknown = lambda: start_session(SimDevice(unknown_record)).request  # noqa: E731
+        for request, first in ((known, 201), (unknown, 403)):
+            for _ in range(2):
+                response = await c.client.post("/v1/bind/start", json=request(), headers=bearer(token))
+                assert response.status_code == first
+            limited = await c.client.post("/v1/bind/start", json=request(), headers=bearer(token))
+            problem(limited, 429, "rate_limited")
+            assert "device" in limited.json()["detail"]
+        now[0] += settings.rate_window_s
+        for request, first in ((known, 201), (unknown, 403)):
+            response = await c.client.post("/v1/bind/start", json=request(), headers=bearer(token))
+            assert response.status_code == first
+
+
 async def test_secrets_never_in_responses_or_logs(cloud: Cloud, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     record = new_factory_record()

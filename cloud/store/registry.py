@@ -144,6 +144,23 @@ class RegistryTransaction:
         row = await self._tx.fetchrow(sql + (" FOR UPDATE" if lock else ""), dev_id)
         return None if row is None else _record(DeviceRecord, row)
 
+    async def count_bind_start(
+        self, dev_id: bytes, window_start: int
+    ) -> tuple[DeviceRecord | None, int]:
+        """Count a bind/start in the device's own row and lock it: ``(device, count in window)``.
+
+        ``(None, 0)`` for an unknown dev_id (count it with :meth:`hits` instead).
+        """
+        row = await self._tx.fetchrow(
+            "UPDATE devices SET rate_hits = CASE WHEN rate_window = $2 THEN rate_hits + 1 ELSE 1 END, "
+            f"rate_window = $2 WHERE dev_id = $1 RETURNING {_DEVICE_COLUMNS}, rate_hits",
+            dev_id,
+            window_start,
+        )
+        if row is None:
+            return None, 0
+        return DeviceRecord(*(_b(row[i]) for i in range(len(row) - 1))), int(row[-1])
+
     async def register_devices(
         self, rows: Iterable[tuple[bytes, bytes, str, bytes]], now: int
     ) -> None:

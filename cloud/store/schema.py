@@ -13,8 +13,9 @@ retries and, since version 3, the (dev_id, N_D) replay record as a unique
 index), ``replays`` (where version 2 kept those records; read by nothing since
 version 3, pruned, left in place for servers still running version 2 during a
 rolling upgrade), ``sig_nonces`` (§6.3 nonces),
-``rate_counters`` (fixed-window counters shared by all instances) and the
-append-only ``audit_log``.
+``rate_counters`` (fixed-window counters shared by all instances; since
+version 4 a registered device's own bind/start count is kept in its
+``devices`` row instead) and the append-only ``audit_log``.
 """
 
 from __future__ import annotations
@@ -153,6 +154,17 @@ DROP INDEX attempts_dev
 """
 
 
+# A registered device's bind/start count moves into its own row: the row that
+# bind/start reads (and locks) anyway, so counting it there writes no page of
+# its own, where a rate_counters row per device and window was a new row and a
+# new index entry at a random place on every bind/start. Unknown dev_ids are
+# still counted in rate_counters, so that a limit is reached alike for both.
+_V4: Final = """
+ALTER TABLE devices ADD COLUMN rate_window {bigint};
+ALTER TABLE devices ADD COLUMN rate_hits {bigint} NOT NULL DEFAULT 0
+"""
+
+
 def _split(ddl: str, dialect: str) -> list[str]:
     filled = ddl.format(**DIALECT_TOKENS[dialect])
     return [statement.strip() for statement in filled.split(";") if statement.strip()]
@@ -162,6 +174,7 @@ MIGRATIONS: Final[tuple[tuple[int, dict[str, list[str]]], ...]] = (
     (1, {dialect: _split(_V1, dialect) for dialect in DIALECT_TOKENS}),
     (2, _V2),
     (3, {dialect: _split(_V3, dialect) for dialect in DIALECT_TOKENS}),
+    (4, {dialect: _split(_V4, dialect) for dialect in DIALECT_TOKENS}),
 )
 
 LATEST_VERSION: Final = MIGRATIONS[-1][0]
