@@ -82,22 +82,23 @@ class _SqliteTransaction:
     never suspend: :func:`_drive` runs a body to completion in one step.
     """
 
-    __slots__ = ("_conn",)
+    __slots__ = ("_cursor",)
 
     def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
+        # One cursor for the batch: Connection.execute would make one per statement.
+        self._cursor = conn.cursor()
 
     async def fetchrow(self, sql: str, *args: Any) -> Row | None:
-        return self._conn.execute(_to_sqlite(sql), args).fetchone()
+        return self._cursor.execute(_to_sqlite(sql), args).fetchone()
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
-        return self._conn.execute(_to_sqlite(sql), args).fetchall()
+        return self._cursor.execute(_to_sqlite(sql), args).fetchall()
 
     async def execute(self, sql: str, *args: Any) -> None:
-        self._conn.execute(_to_sqlite(sql), args)
+        self._cursor.execute(_to_sqlite(sql), args)
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        self._conn.executemany(_to_sqlite(sql), rows)
+        self._cursor.executemany(_to_sqlite(sql), rows)
 
 
 class BodySuspended(RuntimeError):
