@@ -14,6 +14,10 @@ Decisions where §6 leaves room (also in ``docs``):
   dummy K_init unwrap and tag verification), and every failure gives the one
   :class:`~cloud.errors.DeviceRefused` answer.
 * Epochs are issued at bind/start: each attempt takes the device's next epoch.
+  The identity issued there is kept in the attempt row (its K_dev wrapped)
+  until the bind completes; it can sign (a check-in that arrives first) and
+  be retired like any other meanwhile, but an attempt that never completes
+  leaves no identity row behind.
 * bind/complete makes the principal's user the owner and records the identity
   as *pending*; the device's check-in (signed with that pending K_dev) makes it
   *active* and retires the older identities. A check-in that arrives first
@@ -429,6 +433,7 @@ class BindService:
                 "expires_in": self.settings.attempt_validity_s,
             }
         )
+        # The identity stays in the attempt row until the bind completes (_complete).
         await tx.insert_attempt(
             AttemptRecord(
                 attempt_id=attempt_id,
@@ -447,18 +452,7 @@ class BindService:
                 ack=None,
                 completed_at=None,
                 n_d=challenge.n_d,
-            )
-        )
-        await tx.insert_identity(
-            IdentityRecord(
-                identifier=identifier,
-                dev_id=device.dev_id,
-                epoch=epoch,
                 k_dev_wrapped=self.kek.wrap(PURPOSE_K_DEV, identifier, k_dev),
-                state="pending",
-                attempt_id=attempt_id,
-                issued_at=now,
-                activated_at=None,
             )
         )
         return answer
@@ -563,10 +557,13 @@ class BindService:
             return body
         if attempt.state == "superseded":
             raise AttemptSuperseded("a later bind of this device replaced this attempt")
-        identity = await tx.identity(attempt.identifier)
-        if identity is None:
-            raise AttemptExpired("the identity of this attempt is no longer known")
-        k_dev = self._unwrap(PURPOSE_K_DEV, identity.identifier, identity.k_dev_wrapped)
+        k_dev_wrapped = attempt.k_dev_wrapped
+        if k_dev_wrapped is None:  # an attempt made before schema version 5: its own row
+            identity = await tx.identity(attempt.identifier)
+            if identity is None:
+                raise AttemptExpired("the identity of this attempt is no longer known")
+            k_dev_wrapped = identity.k_dev_wrapped
+        k_dev = self._unwrap(PURPOSE_K_DEV, attempt.identifier, k_dev_wrapped)
         try:
             verify_ack(
                 k_dev,
@@ -586,6 +583,19 @@ class BindService:
         if owner_changed:
             await tx.retire_identities(device.dev_id, below_epoch=attempt.epoch)
         await tx.mark_attempt_bound(attempt.attempt_id, ack, now)
+        if attempt.k_dev_wrapped is not None:  # the identity leaves its attempt row
+            await tx.insert_identity(
+                IdentityRecord(
+                    identifier=attempt.identifier,
+                    dev_id=attempt.dev_id,
+                    epoch=attempt.epoch,
+                    k_dev_wrapped=attempt.k_dev_wrapped,
+                    state="pending",
+                    attempt_id=attempt.attempt_id,
+                    issued_at=attempt.created_at,
+                    activated_at=None,
+                )
+            )
         await tx.supersede_attempts(device.dev_id, below_epoch=attempt.epoch)
         active = (
             None

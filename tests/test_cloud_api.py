@@ -19,6 +19,7 @@ import pytest
 
 from cloud.client import CloudClient, CloudError, HubSigner
 from cloud.settings import Settings
+from cloud.store.registry import RegistryTransaction
 from cloud_helpers import (
     PG_DSN,
     PG_SKIP_REASON,
@@ -133,6 +134,99 @@ async def test_onboard_checkin_views_and_unbind(cloud: Cloud) -> None:
     problem(await cloud.client.post("/v1/devices/checkin", content=body, headers=headers), 401, "bad_signature")
     events = [e.event for e in await cloud.registry.run(lambda tx: tx.audit_entries(record.dev_id))]
     assert events == ["bind", "checkin", "bind", "checkin", "unbind"]
+
+
+async def _identity_rows(cloud: Cloud, identifier: bytes) -> list[str]:
+    async def body(tx: RegistryTransaction) -> list[str]:
+        rows = await tx._tx.fetch("SELECT state FROM identities WHERE identifier = $1", identifier)
+        return [str(row[0]) for row in rows]
+
+    return await cloud.registry.run(body)
+
+
+async def test_an_identity_lives_in_its_attempt_until_its_bind_completes(cloud: Cloud) -> None:
+    record = new_factory_record()
+    await register(cloud.registry, cloud.kek, [record])
+    token = await add_user(cloud.registry, "alice")
+    device = SimDevice(record)
+    session = start_session(device)
+    response = await cloud.client.post("/v1/bind/start", json=session.request, headers=bearer(token))
+    session.answer = response.json()
+    ack = finish_session(device, session)
+    # Issued, and usable for a signature, but no identities row yet.
+    assert await _identity_rows(cloud, device.identifier) == []
+    issued = await cloud.registry.run(lambda tx: tx.identity(device.identifier))
+    assert issued is not None and issued.state == "pending" and issued.epoch == 1
+    complete = {"attempt": session.answer["attempt"], "ack": b64url_encode(ack)}
+    assert (await cloud.client.post("/v1/bind/complete", json=complete, headers=bearer(token))).status_code == 200
+    assert await _identity_rows(cloud, device.identifier) == ["pending"]
+    body, headers = device.checkin_request()
+    assert (await cloud.client.post("/v1/devices/checkin", content=body, headers=headers)).status_code == 200
+    assert await _identity_rows(cloud, device.identifier) == ["active"]
+
+
+async def test_identities_still_in_their_attempt_are_retired_like_the_others(cloud: Cloud) -> None:
+    """A newer check-in and an unbind retire identities whose bind never completed."""
+    record = new_factory_record()
+    await register(cloud.registry, cloud.kek, [record])
+    token = await add_user(cloud.registry, "alice")
+    device = SimDevice(record)
+    await onboard(cloud.client, token, device)
+
+    async def issued_only() -> SimDevice:
+        """A bind/start the device accepted but nobody completed: its key, kept aside."""
+        session = start_session(device)
+        response = await cloud.client.post("/v1/bind/start", json=session.request, headers=bearer(token))
+        session.answer = response.json()
+        ack = finish_session(device, session)
+        return SimDevice(record, identifier=device.identifier, k_dev=device.k_dev, ack=ack)
+
+    # Epoch 2 is issued and left; epoch 3 completes and checks in: epoch 2 is retired.
+    left = await issued_only()
+    await onboard(cloud.client, token, device)
+    body, headers = device.checkin_request()
+    assert (await cloud.client.post("/v1/devices/checkin", content=body, headers=headers)).status_code == 200
+    body, headers = left.checkin_request()
+    problem(await cloud.client.post("/v1/devices/checkin", content=body, headers=headers), 401, "bad_signature")
+
+    # Epoch 4 is issued and left; the owner unbinds: epoch 4 is retired too.
+    active = device.identifier
+    left = await issued_only()
+    response = await cloud.client.delete(f"/v1/devices/{active.hex()}", headers=bearer(token))
+    assert response.status_code == 204
+    body, headers = left.checkin_request()
+    problem(await cloud.client.post("/v1/devices/checkin", content=body, headers=headers), 401, "bad_signature")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_binds_started_before_version_5_still_complete(backend: str) -> None:
+    """An attempt written by a version-4 server has its identity in its own row."""
+    url = backend_url(backend, None)
+    async with in_process_cloud(url) as c:
+        record = new_factory_record()
+        await register(c.registry, c.kek, [record])
+        token = await add_user(c.registry, "alice")
+        device = SimDevice(record)
+        session = start_session(device)
+        session.answer = (await c.client.post("/v1/bind/start", json=session.request, headers=bearer(token))).json()
+        ack = finish_session(device, session)
+
+        async def as_version_4_wrote_it(tx: RegistryTransaction) -> None:
+            await tx._tx.execute(
+                "INSERT INTO identities (identifier, dev_id, epoch, k_dev_wrapped, state, attempt_id, issued_at) "
+                "SELECT identifier, dev_id, epoch, k_dev_wrapped, 'pending', attempt_id, created_at "
+                "FROM attempts WHERE identifier = $1",
+                device.identifier,
+            )
+            await tx._tx.execute("UPDATE attempts SET k_dev_wrapped = NULL WHERE identifier = $1", device.identifier)
+
+        await c.registry.run(as_version_4_wrote_it)
+        complete = {"attempt": session.answer["attempt"], "ack": b64url_encode(ack)}
+        assert (await c.client.post("/v1/bind/complete", json=complete, headers=bearer(token))).status_code == 200
+        body, headers = device.checkin_request()
+        assert (await c.client.post("/v1/devices/checkin", content=body, headers=headers)).status_code == 200
+        stored = await c.registry.run(lambda tx: tx.identity(device.identifier))
+        assert stored is not None and stored.state == "active"
 
 
 async def test_checkin_completes_a_bind_whose_complete_never_arrived(cloud: Cloud) -> None:

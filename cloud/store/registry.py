@@ -85,6 +85,9 @@ class AttemptRecord:
     ack: bytes | None
     completed_at: int | None
     n_d: bytes | None  # the device's N_D: (dev_id, n_d) is unique, the replay record
+    #: The issued identity's K_dev, wrapped, until the bind completes (None for
+    #: attempts made before schema version 5: their identity has its own row).
+    k_dev_wrapped: bytes | None = None
 
     def __repr__(self) -> str:
         return f"AttemptRecord(dev_id={self.dev_id.hex()}, state={self.state})"
@@ -127,7 +130,7 @@ _IDENTITY_COLUMNS = (
 )
 _ATTEMPT_COLUMNS = (
     "attempt_id, dev_id, principal, user_id, request_hash, th, identifier, epoch, reset_ctr, "
-    "answer_wrapped, created_at, expires_at, state, ack, completed_at, n_d"
+    "answer_wrapped, created_at, expires_at, state, ack, completed_at, n_d, k_dev_wrapped"
 )
 
 
@@ -232,9 +235,24 @@ class RegistryTransaction:
     # -- identities -----------------------------------------------------------------
 
     async def identity(self, identifier: bytes) -> IdentityRecord | None:
+        """The identity ``identifier``: its own row, or the attempt that issued it.
+
+        An identity lives in its attempt until the bind completes (schema
+        version 5); there it is *pending*, or *retired* once its epoch is below
+        the device's ``retired_below`` (see :meth:`retire_identities`).
+        """
         row = await self._tx.fetchrow(
             f"SELECT {_IDENTITY_COLUMNS} FROM identities WHERE identifier = $1", identifier
         )
+        if row is None:
+            row = await self._tx.fetchrow(
+                "SELECT a.identifier, a.dev_id, a.epoch, a.k_dev_wrapped, "
+                "CASE WHEN a.epoch < COALESCE(d.retired_below, 0) THEN 'retired' "
+                "ELSE 'pending' END, a.attempt_id, a.created_at, CAST(NULL AS BIGINT) "
+                "FROM attempts a JOIN devices d ON d.dev_id = a.dev_id "
+                "WHERE a.identifier = $1 AND a.k_dev_wrapped IS NOT NULL AND a.state <> 'bound'",
+                identifier,
+            )
         return None if row is None else _record(IdentityRecord, row)
 
     async def insert_identity(self, identity: IdentityRecord) -> None:
@@ -258,16 +276,29 @@ class RegistryTransaction:
         )
 
     async def retire_identities(self, dev_id: bytes, *, below_epoch: int | None) -> None:
-        """Retire the device's non-retired identities (all, or those under an epoch)."""
+        """Retire the device's non-retired identities (all, or those under an epoch).
+
+        Those still living in their attempt are retired by raising the device's
+        ``retired_below`` watermark (to every epoch issued so far, for all).
+        """
         if below_epoch is None:
             await self._tx.execute(
                 "UPDATE identities SET state = 'retired' WHERE dev_id = $1 AND state <> 'retired'",
                 dev_id,
             )
+            await self._tx.execute(
+                "UPDATE devices SET retired_below = last_epoch + 1 WHERE dev_id = $1", dev_id
+            )
         else:
             await self._tx.execute(
                 "UPDATE identities SET state = 'retired' "
                 "WHERE dev_id = $1 AND state <> 'retired' AND epoch < $2",
+                dev_id,
+                below_epoch,
+            )
+            await self._tx.execute(
+                "UPDATE devices SET retired_below = $2 WHERE dev_id = $1 "
+                "AND (retired_below IS NULL OR retired_below < $2)",
                 dev_id,
                 below_epoch,
             )
@@ -283,7 +314,7 @@ class RegistryTransaction:
     async def insert_attempt(self, attempt: AttemptRecord) -> None:
         await self._tx.execute(
             f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) VALUES "
-            "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+            "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
             attempt.attempt_id,
             attempt.dev_id,
             attempt.principal,
@@ -300,6 +331,7 @@ class RegistryTransaction:
             attempt.ack,
             attempt.completed_at,
             attempt.n_d,
+            attempt.k_dev_wrapped,
         )
 
     async def mark_attempt_bound(self, attempt_id: bytes, ack: bytes, now: int) -> None:

@@ -7,7 +7,9 @@ released migration, append a new one.
 
 Tables: ``users`` (hashed bearer tokens), ``devices`` (factory data, wrapped
 K_init, highest reset_ctr seen, owner, active and pending identity, last epoch),
-``identities`` (every issued identifier with its wrapped K_dev and state),
+``identities`` (every identifier of a completed bind with its wrapped K_dev
+and state; since version 5 the identity of an attempt that has not completed
+lives in the attempt row),
 ``attempts`` (pending binds, with the wrapped 201 answer for identical
 retries and, since version 3, the (dev_id, N_D) replay record as a unique
 index), ``replays`` (where version 2 kept those records; read by nothing since
@@ -165,6 +167,19 @@ ALTER TABLE devices ADD COLUMN rate_hits {bigint} NOT NULL DEFAULT 0
 """
 
 
+# The identity a bind/start issues stays in its attempt row (its wrapped K_dev
+# and an index by identifier) until the bind completes, which writes the
+# ``identities`` row: an attempt that never completes (declined, abandoned,
+# refused later) no longer costs an identity row and two index entries at
+# random places. Identities that exist only in their attempt are retired by a
+# per-device watermark: those with an epoch below ``retired_below`` are retired.
+_V5: Final = """
+ALTER TABLE attempts ADD COLUMN k_dev_wrapped {blob};
+CREATE INDEX attempts_identifier ON attempts(identifier);
+ALTER TABLE devices ADD COLUMN retired_below {bigint}
+"""
+
+
 def _split(ddl: str, dialect: str) -> list[str]:
     filled = ddl.format(**DIALECT_TOKENS[dialect])
     return [statement.strip() for statement in filled.split(";") if statement.strip()]
@@ -175,6 +190,7 @@ MIGRATIONS: Final[tuple[tuple[int, dict[str, list[str]]], ...]] = (
     (2, _V2),
     (3, {dialect: _split(_V3, dialect) for dialect in DIALECT_TOKENS}),
     (4, {dialect: _split(_V4, dialect) for dialect in DIALECT_TOKENS}),
+    (5, {dialect: _split(_V5, dialect) for dialect in DIALECT_TOKENS}),
 )
 
 LATEST_VERSION: Final = MIGRATIONS[-1][0]
