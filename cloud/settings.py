@@ -61,8 +61,10 @@ class Settings:
     #: How often the maintenance task prunes expired rows.
     maintenance_interval_s: float = 10.0
     #: How often it checkpoints SQLite's WAL (if anything was written): under full
-    #: load the WAL grows ~100 MB a second, and requests slow down as it grows.
-    checkpoint_interval_s: float = 1.0
+    #: load the WAL grows ~100 MB a second, and requests slow down as it grows;
+    #: each checkpoint ends with a pause of the writer of a few ms, shorter the
+    #: more often it runs (median 1.9 ms, at most 8 ms at 0.25 s; up to 13 ms at 1 s).
+    checkpoint_interval_s: float = 0.25
     auto_migrate: bool = True
     #: Ticket validity written into the ticket (seconds).
     ticket_validity_s: int = 120

@@ -134,9 +134,9 @@ _CHECKPOINT_NICE = 19  # the lowest priority: see _lower_thread_priority
 _CHECKPOINT_PASSES = 4
 _CHECKPOINT_SHORT_PASS_S = 0.005
 #: When the WAL starts over, a file larger than this is cut back to it (it
-#: otherwise stays as large as the largest backlog ever was). Above what one
-#: checkpoint interval writes at full load (~120 MB here), because cutting the
-#: file and growing it again held the next COMMIT for 10–20 ms.
+#: otherwise stays as large as the largest backlog ever was). Well above what
+#: one checkpoint interval writes at full load (~120 MB a second here), because
+#: cutting the file and growing it again held the next COMMIT for 10–20 ms.
 _WAL_SIZE_LIMIT = 256 * 1024 * 1024
 
 
