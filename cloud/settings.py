@@ -79,6 +79,11 @@ class Settings:
         return self.completion_window_s + 86400
 
     def __post_init__(self) -> None:
+        if not (self.maintenance_interval_s > 0 and self.checkpoint_interval_s > 0):
+            raise ConfigurationError(
+                "maintenance_interval_s and checkpoint_interval_s must be above 0",
+                code="bad_settings",
+            )
         if self.attempt_retention_s < self.attempt_validity_s + max(300, self.replay_margin_s):
             raise ConfigurationError(
                 "completion_window_s + 1 day must cover attempt_validity_s + replay_margin_s "

@@ -160,6 +160,15 @@ async def test_an_identity_lives_in_its_attempt_until_its_bind_completes(cloud: 
     complete = {"attempt": session.answer["attempt"], "ack": b64url_encode(ack)}
     assert (await cloud.client.post("/v1/bind/complete", json=complete, headers=bearer(token))).status_code == 200
     assert await _identity_rows(cloud, device.identifier) == ["pending"]
+
+    async def key_copies_in_attempts(tx: RegistryTransaction) -> int:
+        row = await tx._tx.fetchrow(
+            "SELECT COUNT(*) FROM attempts WHERE identifier = $1 AND k_dev_wrapped IS NOT NULL",
+            device.identifier,
+        )
+        return int(row[0])
+
+    assert await cloud.registry.run(key_copies_in_attempts) == 0  # the row holds the only one
     body, headers = device.checkin_request()
     assert (await cloud.client.post("/v1/devices/checkin", content=body, headers=headers)).status_code == 200
     assert await _identity_rows(cloud, device.identifier) == ["active"]

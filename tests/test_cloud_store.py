@@ -261,6 +261,58 @@ async def test_a_serving_app_checkpoints_and_prunes_on_its_own(tmp_path: Path) -
         assert windows() == [current]
 
 
+async def test_a_checkpoint_whose_passes_never_get_short_defers_the_writers_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last copy (the writer's pause) waits for a short pass, but only so many times."""
+    from cloud.store import database as db
+
+    path = tmp_path / "c.db"
+    registry = await open_registry(f"sqlite:///{path}")
+    database = registry.database
+    assert isinstance(database, SqliteDatabase)
+    paused: list[int] = []
+    monkeypatch.setattr(db, "_checkpoint_passive", lambda conn: paused.append(database.batches))
+    try:
+        monkeypatch.setattr(db, "_CHECKPOINT_SHORT_PASS_S", -1.0)  # no pass is ever short
+        for round_ in range(db._CHECKPOINT_MAX_DEFERRED + 1):
+            await _add(registry, f"u{round_}")
+            await database.checkpoint()
+        assert len(paused) == 1  # deferred _CHECKPOINT_MAX_DEFERRED times, then done anyway
+        await database.checkpoint()
+        assert len(paused) == 1  # nothing written since: nothing to do
+        monkeypatch.setattr(db, "_CHECKPOINT_SHORT_PASS_S", 60.0)  # every pass is short
+        await _add(registry, "v")
+        await database.checkpoint()
+        assert len(paused) == 2
+    finally:
+        await registry.close()
+
+
+async def test_no_statement_of_a_batch_outlives_it(tmp_path: Path) -> None:
+    """A body that reads one row of many must not leave its statement open: an open
+    statement holds a snapshot, and the writer's checkpoint then fails."""
+    registry = await open_registry(f"sqlite:///{tmp_path}/c.db")
+    try:
+        for name in ("ann", "bo", "cy"):
+            await _add(registry, name)
+
+        async def first_of_many_then_fail(tx: RegistryTransaction) -> None:
+            await tx._tx.fetchrow("SELECT name FROM users")
+            raise Boom("after reading")
+
+        # The kept traceback keeps the body's frame, and so its transaction, alive.
+        with pytest.raises(Boom) as failed:
+            await registry.run(first_of_many_then_fail)
+        database = registry.database
+        assert isinstance(database, SqliteDatabase)
+        conn: sqlite3.Connection = database._conn._conn  # type: ignore[attr-defined]
+        assert conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0] == 0  # not busy
+        assert failed.value.args == ("after reading",)
+    finally:
+        await registry.close()
+
+
 def test_the_aiosqlite_hook_we_rely_on_exists() -> None:
     # cloud.store.database runs whole batches through this (underscored) hook.
     assert callable(aiosqlite.Connection._execute)
@@ -405,6 +457,48 @@ def test_settings_that_would_forget_a_challenge_too_soon_are_refused() -> None:
         Settings(completion_window_s=0, attempt_validity_s=86400, replay_margin_s=300)
     assert info.value.code == "bad_settings"
     assert Settings().attempt_retention_s >= Settings().attempt_validity_s + 300
+
+
+@pytest.mark.parametrize("field", ["maintenance_interval_s", "checkpoint_interval_s"])
+def test_maintenance_intervals_must_be_above_zero(field: str) -> None:
+    from cloud.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError) as info:
+        Settings(**{field: 0})  # the maintenance task would spin
+    assert info.value.code == "bad_settings"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_a_device_count_from_a_clock_behind_joins_the_current_window(
+    tmp_path: Path, backend: str
+) -> None:
+    """Instances whose clocks differ: the one behind neither resets nor rewinds the window."""
+    if backend == "postgresql" and not PG_DSN:
+        pytest.skip(PG_SKIP_REASON)
+    url = f"sqlite:///{tmp_path}/c.db" if backend == "sqlite" else pg_url()
+    registry = await open_registry(url)
+    try:
+        record = new_factory_record()
+        await register(registry, KeyEncryptionKey(TEST_KEK), [record])
+
+        async def count(window: int) -> int:
+            async def body(tx: RegistryTransaction) -> int:
+                device, hits = await tx.count_bind_start(record.dev_id, window)
+                assert device is not None and device.dev_id == record.dev_id
+                return hits
+
+            return await registry.run(body)
+
+        assert [await count(120), await count(120)] == [1, 2]
+        assert await count(60) == 3  # a clock behind: still the current window
+        assert await count(120) == 4
+        assert await count(180) == 1  # the next window starts over
+        unknown = await registry.run(lambda tx: tx.count_bind_start(b"\x00" * 16, 180))
+        assert unknown == (None, 0)
+    finally:
+        await registry.close()
+        if backend == "postgresql":
+            await drop_pg_schema(url)
 
 
 async def test_a_closed_database_refuses_new_work(tmp_path: Path) -> None:

@@ -100,6 +100,10 @@ class _SqliteTransaction:
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         self._cursor.executemany(_to_sqlite(sql), rows)
 
+    def close(self) -> None:
+        """Finish the batch's statement, read to the end or not: none may outlive it."""
+        self._cursor.close()
+
 
 class BodySuspended(RuntimeError):
     """A SQLite transaction body awaited something other than its transaction."""
@@ -133,6 +137,10 @@ _CHECKPOINT_NICE = 19  # the lowest priority: see _lower_thread_priority
 #: (see SqliteDatabase.checkpoint); a pass this short left only a few frames behind it.
 _CHECKPOINT_PASSES = 4
 _CHECKPOINT_SHORT_PASS_S = 0.005
+#: Checkpoints in a row whose passes never got short leave the last frames for
+#: the next one (copying them held the writer 5–15 ms); after this many the last
+#: frames are copied anyway, so that the WAL still starts over.
+_CHECKPOINT_MAX_DEFERRED = 4
 #: When the WAL starts over, a file larger than this is cut back to it (it
 #: otherwise stays as large as the largest backlog ever was). Well above what
 #: one checkpoint interval writes at full load (~120 MB a second here), because
@@ -179,7 +187,8 @@ class SqliteDatabase:
         #: ``fn(connection)`` to run on the loop's thread between two batches
         self._between: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._checkpointed_at = -1  # self.batches when the last checkpoint began
+        self._checkpointed_at = -1  # self.batches when the last finished checkpoint began
+        self._checkpoints_deferred = 0  # in a row, see _CHECKPOINT_MAX_DEFERRED
         self._closed = False
         self.batches = 0  # for benchmarks: how many COMMITs served how many bodies
         self.bodies = 0
@@ -337,21 +346,31 @@ class SqliteDatabase:
         (concurrent with requests, at low priority) until one is short, which
         leaves only the few frames appended during it; those are copied on the
         writer's connection between two batches, where nothing can be appended
-        meanwhile. Nothing is done if nothing was written since the last time.
+        meanwhile (that copy, with its two fsyncs, is the writer's pause). If
+        no pass got short, that copy would be long: it is left for the next
+        call, at most ``_CHECKPOINT_MAX_DEFERRED`` times in a row. Nothing is
+        done if nothing was written since the last finished checkpoint.
         """
         if self._checkpointer is None or self._closed:  # an in-memory database has no WAL
             return
-        if self.batches == self._checkpointed_at:
+        written = self.batches
+        if written == self._checkpointed_at:
             return
-        self._checkpointed_at = self.batches
+        short = False
         for _ in range(_CHECKPOINT_PASSES):
             started = time.monotonic()
             await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
             if time.monotonic() - started < _CHECKPOINT_SHORT_PASS_S:
+                short = True
                 break
+        if not short and self._checkpoints_deferred < _CHECKPOINT_MAX_DEFERRED:
+            self._checkpoints_deferred += 1
+            return
         if not self._closed:
             # busy_timeout is 0 here: if another process is checkpointing, this just returns.
             await self._between_batches(_checkpoint_passive)
+            self._checkpoints_deferred = 0
+            self._checkpointed_at = written
 
     async def close(self) -> None:
         self._closed = True
@@ -404,14 +423,17 @@ def _run_and_commit(conn: sqlite3.Connection, bodies: list[Body[Any]]) -> list[t
     tx = _SqliteTransaction(conn)
     outcomes: list[tuple[bool, Any]] = []
     try:
-        for body in bodies:
-            conn.execute("SAVEPOINT body")
-            try:
-                outcomes.append((True, _drive(body, tx)))
-            except Exception as exc:
-                conn.execute("ROLLBACK TO body")
-                outcomes.append((False, exc))
-            conn.execute("RELEASE body")
+        try:
+            for body in bodies:
+                conn.execute("SAVEPOINT body")
+                try:
+                    outcomes.append((True, _drive(body, tx)))
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO body")
+                    outcomes.append((False, exc))
+                conn.execute("RELEASE body")
+        finally:
+            tx.close()
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:

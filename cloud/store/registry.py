@@ -155,8 +155,12 @@ class RegistryTransaction:
         ``(None, 0)`` for an unknown dev_id (count it with :meth:`hits` instead).
         """
         row = await self._tx.fetchrow(
-            "UPDATE devices SET rate_hits = CASE WHEN rate_window = $2 THEN rate_hits + 1 ELSE 1 END, "
-            f"rate_window = $2 WHERE dev_id = $1 RETURNING {_DEVICE_COLUMNS}, rate_hits",
+            # An instance whose clock is behind counts into the current window
+            # rather than starting an older one over.
+            "UPDATE devices SET "
+            "rate_hits = CASE WHEN rate_window >= $2 THEN rate_hits + 1 ELSE 1 END, "
+            "rate_window = CASE WHEN rate_window >= $2 THEN rate_window ELSE $2 END "
+            f"WHERE dev_id = $1 RETURNING {_DEVICE_COLUMNS}, rate_hits",
             dev_id,
             window_start,
         )
@@ -239,20 +243,21 @@ class RegistryTransaction:
 
         An identity lives in its attempt until the bind completes (schema
         version 5); there it is *pending*, or *retired* once its epoch is below
-        the device's ``retired_below`` (see :meth:`retire_identities`).
+        the device's ``retired_below`` (see :meth:`retire_identities`). One
+        statement, so one snapshot: under PostgreSQL's READ COMMITTED a bind
+        completing between two reads could otherwise hide it from both.
         """
         row = await self._tx.fetchrow(
-            f"SELECT {_IDENTITY_COLUMNS} FROM identities WHERE identifier = $1", identifier
+            f"SELECT {_IDENTITY_COLUMNS} FROM identities WHERE identifier = $1 "
+            "UNION ALL "
+            "SELECT a.identifier, a.dev_id, a.epoch, a.k_dev_wrapped, "
+            "CASE WHEN a.epoch < COALESCE(d.retired_below, 0) THEN 'retired' "
+            "ELSE 'pending' END, a.attempt_id, a.created_at, CAST(NULL AS BIGINT) "
+            "FROM attempts a JOIN devices d ON d.dev_id = a.dev_id "
+            "WHERE a.identifier = $1 AND a.k_dev_wrapped IS NOT NULL AND a.state <> 'bound' "
+            "LIMIT 1",
+            identifier,
         )
-        if row is None:
-            row = await self._tx.fetchrow(
-                "SELECT a.identifier, a.dev_id, a.epoch, a.k_dev_wrapped, "
-                "CASE WHEN a.epoch < COALESCE(d.retired_below, 0) THEN 'retired' "
-                "ELSE 'pending' END, a.attempt_id, a.created_at, CAST(NULL AS BIGINT) "
-                "FROM attempts a JOIN devices d ON d.dev_id = a.dev_id "
-                "WHERE a.identifier = $1 AND a.k_dev_wrapped IS NOT NULL AND a.state <> 'bound'",
-                identifier,
-            )
         return None if row is None else _record(IdentityRecord, row)
 
     async def insert_identity(self, identity: IdentityRecord) -> None:
@@ -336,8 +341,9 @@ class RegistryTransaction:
 
     async def mark_attempt_bound(self, attempt_id: bytes, ack: bytes, now: int) -> None:
         await self._tx.execute(
-            "UPDATE attempts SET state = 'bound', ack = $2, completed_at = $3 "
-            "WHERE attempt_id = $1",
+            # The identity (and its wrapped K_dev) now has its own row.
+            "UPDATE attempts SET state = 'bound', ack = $2, completed_at = $3, "
+            "k_dev_wrapped = NULL WHERE attempt_id = $1",
             attempt_id,
             ack,
             now,
