@@ -36,6 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cloud.errors import (
     BadRequest,
     CloudProblem,
+    ConfigurationError,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
@@ -661,23 +662,29 @@ async def _maintain(service: BindService, settings: Settings) -> None:
 
 
 def settings_from_env(env: dict[str, str] | None = None) -> Settings:
-    """Settings from ``DOORSTEP_CLOUD_*`` variables (used by ``app_from_env``)."""
+    """Settings from ``DOORSTEP_CLOUD_*`` variables (used by ``app_from_env``).
+
+    A variable that is not a number is a :class:`ConfigurationError` naming it.
+    """
     env = dict(os.environ) if env is None else env
-    numbers = {
-        "rate_per_user": "DOORSTEP_CLOUD_RATE_USER",
-        "rate_per_device": "DOORSTEP_CLOUD_RATE_DEVICE",
-        "rate_per_address": "DOORSTEP_CLOUD_RATE_ADDRESS",
-        "rate_window_s": "DOORSTEP_CLOUD_RATE_WINDOW",
-    }
-    overrides: dict[str, Any] = {
-        field: int(env[name]) for field, name in numbers.items() if env.get(name)
-    }
-    for field, name in (
-        ("maintenance_interval_s", "DOORSTEP_CLOUD_MAINTENANCE_S"),
-        ("checkpoint_interval_s", "DOORSTEP_CLOUD_CHECKPOINT_S"),
-    ):
-        if env.get(name):
-            overrides[field] = float(env[name])
+    numbers: tuple[tuple[str, str, Callable[[str], float]], ...] = (
+        ("rate_per_user", "DOORSTEP_CLOUD_RATE_USER", int),
+        ("rate_per_device", "DOORSTEP_CLOUD_RATE_DEVICE", int),
+        ("rate_per_address", "DOORSTEP_CLOUD_RATE_ADDRESS", int),
+        ("rate_window_s", "DOORSTEP_CLOUD_RATE_WINDOW", int),
+        ("maintenance_interval_s", "DOORSTEP_CLOUD_MAINTENANCE_S", float),
+        ("checkpoint_interval_s", "DOORSTEP_CLOUD_CHECKPOINT_S", float),
+    )
+    overrides: dict[str, Any] = {}
+    for field, name, kind in numbers:
+        text = env.get(name)
+        if not text:
+            continue
+        try:
+            overrides[field] = kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise ConfigurationError(f"{name} must be {what}", code="bad_settings") from None
     return Settings(database_url=env.get(ENV_DB) or default_database_url(env), **overrides)
 
 

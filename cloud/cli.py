@@ -137,13 +137,14 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from cloud.app import app_from_env
+    from cloud.app import app_from_env, settings_from_env
 
     url = _db(args)
     if args.kek_file:
         os.environ[ENV_KEK_FILE] = args.kek_file
     load_kek()  # fail early and clearly (kek_missing)
     os.environ[ENV_DB] = url
+    settings_from_env()  # likewise for DOORSTEP_CLOUD_* numbers (bad_settings)
     if args.workers > 1:
         print(
             f"serving {args.workers} workers on http://{args.host}:{args.port} …", file=sys.stderr

@@ -731,3 +731,34 @@ def test_served_processes_keep_their_start_up_heap_out_of_the_collector(
     finally:
         gc.unfreeze()
     assert served[0] > 10_000  # frozen before uvicorn started serving
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("DOORSTEP_CLOUD_CHECKPOINT_S", "soon", "DOORSTEP_CLOUD_CHECKPOINT_S must be a number"),
+        ("DOORSTEP_CLOUD_RATE_USER", "1.5", "DOORSTEP_CLOUD_RATE_USER must be a whole number"),
+        ("DOORSTEP_CLOUD_MAINTENANCE_S", "0", "maintenance_interval_s and checkpoint_interval_s"),
+    ],
+)
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_words_a_bad_setting_and_exits(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: object,
+    name: str,
+    value: str,
+    message: str,
+    workers: str,
+) -> None:
+    import uvicorn
+
+    from doorstep_cli import main
+
+    monkeypatch.setenv("DOORSTEP_KEK", b64url_encode(TEST_KEK))
+    monkeypatch.setenv("DOORSTEP_CLOUD_DB", f"sqlite:///{tmp_path}/cloud.db")
+    monkeypatch.setenv(name, value)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **_: pytest.fail("served with a bad setting"))
+    assert main(["cloud", "serve", "--port", "0", "--workers", workers]) == 1
+    error = capsys.readouterr().err
+    assert message in error and "[bad_settings]" in error and "Traceback" not in error
