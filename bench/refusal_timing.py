@@ -30,8 +30,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from cloud_helpers import (  # noqa: E402
     ServerProcess,
     SimDevice,
-    finish_session,
+    bearer,
     new_factory_record,
+    onboard,
     start_session,
 )
 from protocol.factory import FactoryRecord  # noqa: E402
@@ -48,23 +49,7 @@ async def run(tries: int) -> None:
         server.start()
         try:
             async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
-
-                def bearer(token: str) -> dict[str, str]:
-                    return {"authorization": f"Bearer {token}"}
-
-                # bob owns one device (bound, never reset)
-                session = start_session(owned)
-                answer = await client.post("/v1/bind/start", json=session.request, headers=bearer(bob))
-                session.answer = answer.json()
-                ack = finish_session(owned, session)
-                from protocol.encoding import b64url_encode
-
-                done = await client.post(
-                    "/v1/bind/complete",
-                    json={"attempt": session.answer["attempt"], "ack": b64url_encode(ack)},
-                    headers=bearer(bob),
-                )
-                assert done.status_code == 200, done.text
+                await onboard(client, bob, owned)  # bob owns one device (bound, never reset)
                 record = known.record
                 wrong_key = FactoryRecord(record.dev_id, record.mac, os.urandom(32), record.model)
                 makers = {

@@ -186,13 +186,21 @@ def finish_session(device: SimDevice, onboarding: Onboarding) -> bytes:
     return ack
 
 
-async def onboard(client: httpx.AsyncClient, token: str, device: SimDevice) -> dict[str, Any]:
-    """bind/start → handshake → bind/complete; returns the bind/complete answer."""
+async def accept_bind(
+    client: httpx.AsyncClient, token: str, device: SimDevice
+) -> tuple[Onboarding, bytes]:
+    """bind/start → handshake, the device accepting; the session and the device's Ack."""
     session = start_session(device)
     response = await client.post("/v1/bind/start", json=session.request, headers=bearer(token))
     assert response.status_code == 201, response.text
     session.answer = response.json()
-    ack = finish_session(device, session)
+    return session, finish_session(device, session)
+
+
+async def onboard(client: httpx.AsyncClient, token: str, device: SimDevice) -> dict[str, Any]:
+    """bind/start → handshake → bind/complete; returns the bind/complete answer."""
+    session, ack = await accept_bind(client, token, device)
+    assert session.answer is not None
     response = await client.post(
         "/v1/bind/complete",
         json={"attempt": session.answer["attempt"], "ack": b64url_encode(ack)},

@@ -28,6 +28,7 @@ from cloud_helpers import (
     Cloud,
     CountingEntropy,
     SimDevice,
+    accept_bind,
     add_user,
     bearer,
     finish_session,
@@ -149,10 +150,8 @@ async def test_an_identity_lives_in_its_attempt_until_its_bind_completes(cloud: 
     await register(cloud.registry, cloud.kek, [record])
     token = await add_user(cloud.registry, "alice")
     device = SimDevice(record)
-    session = start_session(device)
-    response = await cloud.client.post("/v1/bind/start", json=session.request, headers=bearer(token))
-    session.answer = response.json()
-    ack = finish_session(device, session)
+    session, ack = await accept_bind(cloud.client, token, device)
+    assert session.answer is not None
     # Issued, and usable for a signature, but no identities row yet.
     assert await _identity_rows(cloud, device.identifier) == []
     issued = await cloud.registry.run(lambda tx: tx.identity(device.identifier))
@@ -184,10 +183,7 @@ async def test_identities_still_in_their_attempt_are_retired_like_the_others(clo
 
     async def issued_only() -> SimDevice:
         """A bind/start the device accepted but nobody completed: its key, kept aside."""
-        session = start_session(device)
-        response = await cloud.client.post("/v1/bind/start", json=session.request, headers=bearer(token))
-        session.answer = response.json()
-        ack = finish_session(device, session)
+        _, ack = await accept_bind(cloud.client, token, device)
         return SimDevice(record, identifier=device.identifier, k_dev=device.k_dev, ack=ack)
 
     # Epoch 2 is issued and left; epoch 3 completes and checks in: epoch 2 is retired.
@@ -216,9 +212,8 @@ async def test_binds_started_before_version_5_still_complete(backend: str) -> No
         await register(c.registry, c.kek, [record])
         token = await add_user(c.registry, "alice")
         device = SimDevice(record)
-        session = start_session(device)
-        session.answer = (await c.client.post("/v1/bind/start", json=session.request, headers=bearer(token))).json()
-        ack = finish_session(device, session)
+        session, ack = await accept_bind(c.client, token, device)
+        assert session.answer is not None
 
         async def as_version_4_wrote_it(tx: RegistryTransaction) -> None:
             await tx._tx.execute(
@@ -243,10 +238,8 @@ async def test_checkin_completes_a_bind_whose_complete_never_arrived(cloud: Clou
     await register(cloud.registry, cloud.kek, [record])
     token = await add_user(cloud.registry, "bob")
     device = SimDevice(record)
-    session = start_session(device)
-    response = await cloud.client.post("/v1/bind/start", json=session.request, headers=bearer(token))
-    session.answer = response.json()
-    finish_session(device, session)
+    session, _ = await accept_bind(cloud.client, token, device)
+    assert session.answer is not None
     body, headers = device.checkin_request()
     response = await cloud.client.post("/v1/devices/checkin", content=body, headers=headers)
     assert response.status_code == 200
