@@ -33,6 +33,11 @@ on the bus connection bless uses:
   ignored.
 * **Status changes** re-register the advertisement (BlueZ reads an
   advertisement's properties only when it is registered).
+* **Object paths.** bless puts its application under ``/org/bluez/<name>``,
+  where bleak takes every object for one of BlueZ's: each central on the
+  same bus (a hub is both roles; so is every simulation) logged a
+  ``KeyError: 'Device'`` traceback for our GATT service. The application's
+  objects live under ``APP_ROOT`` instead; BlueZ accepts any path.
 
 Written values are never logged: they carry credentials. The bless callbacks
 are synchronous; they only enqueue.
@@ -43,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from typing import Any
 
 from ble.errors import LinkError
@@ -57,6 +63,9 @@ from ble.profile import (
 from ble.transport import FragmentIn, LinkDown, LinkUp, PeripheralEvent
 
 log = logging.getLogger("doorstep.ble.peripheral")
+
+#: Where this peripheral's GATT application and advertisement objects live on the bus.
+APP_ROOT = "/com/doorstep/peripheral"
 
 DEVICE_IFACE = "org.bluez.Device1"
 PROPS_IFACE = "org.freedesktop.DBus.Properties"
@@ -73,6 +82,11 @@ _MATCH_RULES = (
     f"type='signal',sender='{BLUEZ}',interface='{PROPS_IFACE}',member='PropertiesChanged',"
     f"arg0='{DEVICE_IFACE}'",
 )
+
+
+def _path_element(name: str) -> str:
+    """``name`` as one D-Bus object path element (``[A-Za-z0-9_]+``), as bless makes it."""
+    return re.sub(r"[^A-Za-z0-9_]", "", name) or "device"
 
 
 def _plain(value: Any) -> Any:
@@ -135,6 +149,8 @@ class BlessPeripheral:
             raise LinkError(
                 f"no usable Bluetooth adapter: {exc}", code="adapter_unavailable"
             ) from exc
+        # Before any service or advertisement exists: their paths derive from it.
+        server.app.base_path = f"{APP_ROOT}/{_path_element(name)}"
         server.read_request_func = self._on_read
         server.write_request_func = self._on_write
         server.app.StartNotify = self._on_start_notify

@@ -145,6 +145,36 @@ async def test_hub_onboards_two_devices_at_once(tmp_path: Path) -> None:
                     assert DeviceStore(tmp_path / sub / "state").load().pending is not None
 
 
+async def test_a_peripheral_starting_beside_a_central_stays_out_of_its_view(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hub is a bless peripheral and a bleak central on one bus; so is every simulation.
+
+    bleak watches everything under ``/org/bluez/`` and takes a GATT service
+    there for one of BlueZ's (which names its device); bless's own application
+    objects must not be there, or every central on the bus logged a traceback
+    for each of them (``KeyError: 'Device'``) and kept them as BlueZ objects.
+    """
+    from bleak.backends.bluezdbus.manager import get_global_bluez_manager
+
+    async with SimProcess() as sim:
+        with bus_environment(sim.env()):
+            manager = await get_global_bluez_manager()  # the central listens from here on
+            _factory, factory_path = write_factory(tmp_path)
+            async with DeviceProcess(sim.env(), factory_path, tmp_path / "state") as device:
+                central = BleakCentral()
+                seen = await find(central, device.name)
+                link = await central.connect(seen.address, timeout=5)
+                assert (await link.read_info()).status.state is AdvState.BUSY
+                await link.disconnect()
+                kept = sorted(manager._properties)
+    raised = [r.getMessage() for r in caplog.records if "handler raised" in r.getMessage()]
+    assert raised == []
+    # Only BlueZ's (simulated) objects: its root, the adapter and the device it found.
+    assert any(path.startswith("/org/bluez/hci0/dev_") for path in kept), kept
+    assert all(path in ("/", "/org/bluez") or path.startswith("/org/bluez/hci0") for path in kept)
+
+
 def _summary(report: OnboardingReport, delegate: ScriptedCommissioner) -> tuple[object, ...]:
     s = report.stats
     return (
