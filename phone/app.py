@@ -324,6 +324,7 @@ class PhoneApp(App[None]):
         fade_after_s: float = 5.0,
         drop_after_s: float = 12.0,
         wait_checkin_s: float = 20.0,
+        devices_refresh_s: float = 10.0,
         scan: bool = True,
         cursor_blink: bool = True,
     ) -> None:
@@ -339,6 +340,8 @@ class PhoneApp(App[None]):
         self.rng = rng
         self.scan_window_s = scan_window_s
         self.wait_checkin_s = wait_checkin_s
+        #: How often My devices reloads the account while shown (0: only on `r`).
+        self.devices_refresh_s = devices_refresh_s
         self.scan_enabled = scan
         self.cursor_blink = cursor_blink
         self.nearby = NearbyDevices(fade_after_s, drop_after_s)
@@ -548,6 +551,7 @@ def create_app(
     fade_after_s: float = 5.0,
     drop_after_s: float = 12.0,
     wait_checkin_s: float = 20.0,
+    devices_refresh_s: float = 10.0,
     scan: bool = True,
     cursor_blink: bool = True,
 ) -> PhoneApp:
@@ -570,6 +574,7 @@ def create_app(
         fade_after_s=fade_after_s,
         drop_after_s=drop_after_s,
         wait_checkin_s=wait_checkin_s,
+        devices_refresh_s=devices_refresh_s,
         scan=scan,
         cursor_blink=cursor_blink,
     )

@@ -630,14 +630,28 @@ class MyDevicesScreen(Screen[None]):
         self.query_one("#owned-status", Static).update("Loading…")
         owned.focus()
         self.load()
+        refresh_s = _app(self).devices_refresh_s
+        if refresh_s > 0:
+            self.set_interval(refresh_s, self._refresh_if_shown)
+
+    def on_screen_resume(self) -> None:
+        """Back from another screen or a dialog: what it did may have changed the lists."""
+        self._refresh_if_shown()
+
+    def _refresh_if_shown(self) -> None:
+        # Not under a dialog (an unbind being confirmed), not while a load runs.
+        if self.is_current and self.loaded:
+            self.load()
 
     @work(exclusive=True, group="my-devices", exit_on_error=False)
     async def load(self) -> None:
         app = _app(self)
         self.loaded = False
-        await self._load_history(app)
-        await self._load_owned(app)
-        self.loaded = True
+        try:
+            await self._load_history(app)
+            await self._load_owned(app)
+        finally:
+            self.loaded = True
 
     async def _load_history(self, app: PhoneApp) -> None:
         table = self.query_one("#history", DataTable)
@@ -647,6 +661,7 @@ class MyDevicesScreen(Screen[None]):
         except Exception as exc:
             status.update(f"Cannot read the history: {exc}")
             return
+        row = table.cursor_row
         table.clear()
         for index, e in enumerate(entries):
             table.add_row(
@@ -658,6 +673,8 @@ class MyDevicesScreen(Screen[None]):
                 f"{e.duration_s:.0f}s" if e.duration_s >= 10 else f"{e.duration_s:.1f}s",
                 key=str(index),
             )
+        if entries:
+            table.move_cursor(row=min(row, len(entries) - 1))
         table.display = bool(entries)
         status.update("" if entries else "No pairings on this phone yet.")
 
@@ -671,9 +688,16 @@ class MyDevicesScreen(Screen[None]):
         try:
             devices = list(await app.cloud.list_devices())
         except Exception as exc:
-            table.display = False
-            status.update(Text(f"The cloud is not reachable: {exc}", style="red"))
+            # A refresh that fails keeps the rows already shown (and says so).
+            table.display = bool(self.owned)
+            shown = " (showing the last list)" if self.owned else ""
+            status.update(Text(f"The cloud is not reachable: {exc}{shown}", style="red"))
             return
+        selected = (
+            self.owned[table.cursor_row].identifier
+            if self.owned and 0 <= table.cursor_row < len(self.owned)
+            else None
+        )
         self.owned = devices
         table.clear()
         for index, d in enumerate(devices):
@@ -685,7 +709,13 @@ class MyDevicesScreen(Screen[None]):
                 app.format_time(d.bound_at),
                 key=str(index),
             )
+        # The cursor stays on the device it was on, wherever that row is now.
+        identifiers = [d.identifier for d in devices]
+        if devices:
+            table.move_cursor(row=identifiers.index(selected) if selected in identifiers else 0)
         table.display = bool(devices)
+        if devices and self.focused is None:  # the list was hidden: the arrow keys work at once
+            table.focus()
         status.update("" if devices else "No devices in your account yet.")
 
     def action_back(self) -> None:
@@ -720,7 +750,7 @@ class MyDevicesScreen(Screen[None]):
             self.notify(f"Unbind failed: {exc}", severity="error")
             return
         self.notify(f"Unbound {short}.")
-        await self._load_owned(app)
+        self.load()  # replaces a reload that started before the unbind (exclusive worker)
 
 
 # ---- settings ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ in-process) with a small owner registry, and the app runs ``Onboarding``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from textual.widgets import DataTable, Digits, Input, Static
@@ -30,6 +31,7 @@ from phone.screens import (
 from phone_helpers import (
     DEVICE_NAME,
     HOME_PASSPHRASE,
+    OwnedRecord,
     app_for,
     memory_rig,
     type_into,
@@ -253,6 +255,60 @@ async def test_my_devices_lists_and_unbinds(tmp_path: Path) -> None:
             assert rig.cloud.unbound == [result.outcome.report.identifier]
             await wait_until(pilot, lambda: not owned.display)
             assert "No devices in your account yet." in _text(mine, "#owned-status")
+
+
+async def test_my_devices_follows_the_account_while_shown(tmp_path: Path) -> None:
+    """No `r` needed: devices bound elsewhere appear, a check-in shows, the cursor keeps its device."""
+    async with memory_rig(tmp_path) as rig:
+        app = app_for(rig.central, rig.cloud, devices_refresh_s=0.1)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for_device(pilot)
+            await pilot.press("m")
+            mine = await wait_screen(pilot, MyDevicesScreen)
+            owned = mine.query_one("#owned", DataTable)
+            await wait_until(pilot, lambda: "No devices" in _text(mine, "#owned-status"))
+
+            def rows() -> list[list[str]]:
+                return [[str(c) for c in owned.get_row_at(i)][:3] for i in range(owned.row_count)]
+
+            lock = OwnedRecord(
+                bytes.fromhex("a0" * 16), bytes(16), "Doorstep Lock D1", 1, "pending", None
+            )
+            plug = OwnedRecord(
+                bytes.fromhex("b0" * 16), bytes(16), "Doorstep Plug P1", 1, "active", None
+            )
+            rig.cloud.extra += [plug, lock]  # bound from another phone of the account
+            await wait_until(pilot, lambda: owned.row_count == 2)
+            assert owned.display and _text(mine, "#owned-status") == ""
+            await pilot.press("down")
+            assert owned.cursor_row == 1  # on the lock
+            # the lock checks in, and a third device comes first in the list
+            lamp = OwnedRecord(
+                bytes.fromhex("c0" * 16), bytes(16), "Doorstep Lamp L1", 2, "active", None
+            )
+            rig.cloud.extra[:] = [lamp, plug, replace(lock, state="active")]
+            await wait_until(pilot, lambda: owned.row_count == 3)
+            assert rows() == [
+                ["c0c0c0c0", "Doorstep Lamp L1", "active"],
+                ["b0b0b0b0", "Doorstep Plug P1", "active"],
+                ["a0a0a0a0", "Doorstep Lock D1", "active"],
+            ]
+            assert owned.cursor_row == 2  # still on the lock
+            # a failed refresh keeps what was shown, and says why
+            cloud, app.cloud = app.cloud, _Unreachable()
+            await wait_until(pilot, lambda: "not reachable" in _text(mine, "#owned-status"))
+            assert owned.display and owned.row_count == 3
+            assert "showing the last list" in _text(mine, "#owned-status")
+            app.cloud = cloud
+            await wait_until(pilot, lambda: _text(mine, "#owned-status") == "")
+
+
+class _Unreachable:
+    async def list_devices(self) -> list[OwnedRecord]:
+        raise ConnectionError("connection refused")
+
+    async def unbind(self, identifier: bytes) -> None:
+        raise ConnectionError("connection refused")
 
 
 async def test_empty_state_then_device_appears(tmp_path: Path) -> None:
