@@ -315,8 +315,12 @@ class DeviceRuntime:
             await self.user.show("Button pressed: pairing window open for 10 minutes")
         elif name == "reset":
             await self._factory_reset()
-        elif name == "checked_in":
-            await self.user.show(self._describe())
+        elif name == "checked_in" and self.state.active is not None:
+            active = self.state.active
+            await self.user.show(
+                f"Checked in with the cloud: onboarded as {active.identifier.hex()[:8]}"
+                f" (epoch {active.epoch})"
+            )
         elif name == "checkin_refused":
             await self.user.show("The cloud refused the check-in; keeping the previous identity")
 

@@ -8,6 +8,7 @@ in-process) with a small owner registry, and the app runs ``Onboarding``.
 from __future__ import annotations
 
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 
 from textual.widgets import DataTable, Digits, Input, Static
@@ -79,6 +80,12 @@ async def test_pair_from_list_to_success(tmp_path: Path) -> None:
             assert rig.user.requests[0].sas == confirm.sas
             assert rig.runtime.state.active is not None
             assert rig.runtime.state.active.identifier == report.identifier
+            # the device's user saw the check-in once, in its own words (no repeated line)
+            checked = f"Checked in with the cloud: onboarded as {report.short_id} (epoch 1)"
+            await wait_until(pilot, lambda: checked in rig.user.messages)
+            said = rig.user.messages
+            assert said.count(checked) == 1
+            assert all(a != b for a, b in pairwise(said)), said
             (entry,) = await history.recent()
             assert entry.ok and entry.identifier == report.short_id
             assert entry.model == "Doorstep Lamp L1" and entry.device_name == DEVICE_NAME
