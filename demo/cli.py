@@ -4,7 +4,9 @@ It starts the BLE simulator with the timing model (connection interval 30 ms,
 advertising 100 ms), a cloud on SQLite in the user's data directory, a demo
 user, three factory-fresh devices in a demo Wi-Fi environment, and opens the
 phone app configured for them. ``--headless`` onboards every device with the
-same flow ``doorstep phone pair`` uses and prints a timeline per stage.
+same flow ``doorstep phone pair`` uses and prints a timeline per stage; it is
+also what runs when stdin or stdout is not a terminal (a pipe, a CI log), where
+the phone app could only wait for keys that never come.
 Everything it starts is stopped when it exits, on Ctrl-C, or when a process dies.
 """
 
@@ -58,6 +60,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not 1 <= args.devices <= 32:
         print("doorstep demo: --devices must be 1..32", file=sys.stderr)
         return 2
+    if not args.headless and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        say("not a terminal: running the scripted demo (--headless) instead of the phone app")
+        args.headless = True
     try:
         return asyncio.run(_demo(args))
     except KeyboardInterrupt:
@@ -122,17 +127,26 @@ async def _interactive(stack: Any) -> int:
     )
     from demo.stack import doorstep_cmd
 
-    app = await asyncio.create_subprocess_exec(
-        *doorstep_cmd("phone", "--cloud", stack.cloud_url, "--token", stack.token), env=env
-    )
+    # The URL and token reach the app through its environment only: a command
+    # line is visible to every user of the machine (ps).
+    app = await asyncio.create_subprocess_exec(*doorstep_cmd("phone"), env=env)
     watcher = asyncio.create_task(_watch(stack))
     waiter = asyncio.create_task(app.wait())
-    done, _ = await asyncio.wait({watcher, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    if watcher in done:
-        app.terminate()
-        await app.wait()
-        watcher.result()  # raises StackError
-    watcher.cancel()
+    try:
+        done, _ = await asyncio.wait({watcher, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if watcher in done:
+            watcher.result()  # raises StackError
+    finally:
+        # However the demo ends (the app quit, a process died, SIGTERM, Ctrl-C),
+        # the app does not outlive it.
+        watcher.cancel()
+        if app.returncode is None:
+            app.terminate()
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), 5)
+            except TimeoutError:
+                app.kill()
+                await waiter
     return 0
 
 

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -259,5 +260,12 @@ def cmd_app(args: argparse.Namespace) -> int:
         config_store=store,
         cloud_factory=make_cloud,
     )
-    app.run()
+
+    async def run_app() -> None:
+        # A stop request (SIGTERM, e.g. from `doorstep demo`) quits like `q`: the
+        # terminal is restored, not left in the app's screen mode.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, app.exit)
+        await app.run_async()
+
+    asyncio.run(run_app())
     return 0
