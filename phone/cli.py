@@ -53,7 +53,10 @@ def _cloud_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         "--cloud", default=default, metavar="URL", help=f"cloud base URL (or ${ENV_CLOUD_URL})"
     )
     parser.add_argument(
-        "--token", default=default, metavar="T", help=f"your account's token (or ${ENV_TOKEN})"
+        "--token",
+        default=default,
+        metavar="T",
+        help=f"your account's token (prefer ${ENV_TOKEN}: other users see command lines)",
     )
     parser.add_argument(
         "--adapter", default=default, metavar="HCI", help="BlueZ adapter (default: the first)"
