@@ -84,9 +84,16 @@ _MATCH_RULES = (
 )
 
 
-def _path_element(name: str) -> str:
-    """``name`` as one D-Bus object path element (``[A-Za-z0-9_]+``), as bless makes it."""
-    return re.sub(r"[^A-Za-z0-9_]", "", name) or "device"
+def place_application(app: Any, name: str) -> None:
+    """Root a bless application (and so its services and advertisements) at ``APP_ROOT/<name>``.
+
+    Call it before any service or advertisement exists: their paths derive
+    from the application's. The application object itself moves too, so no
+    object of ours is under ``/org/bluez`` (see the module docstring).
+    """
+    element = re.sub(r"[^A-Za-z0-9_]", "", name) or "device"  # one path element, as bless makes it
+    app.base_path = f"{APP_ROOT}/{element}"
+    app.path = app.base_path
 
 
 def _plain(value: Any) -> Any:
@@ -149,8 +156,7 @@ class BlessPeripheral:
             raise LinkError(
                 f"no usable Bluetooth adapter: {exc}", code="adapter_unavailable"
             ) from exc
-        # Before any service or advertisement exists: their paths derive from it.
-        server.app.base_path = f"{APP_ROOT}/{_path_element(name)}"
+        place_application(server.app, name)
         server.read_request_func = self._on_read
         server.write_request_func = self._on_write
         server.app.StartNotify = self._on_start_notify

@@ -67,8 +67,12 @@ class EchoPeripheral:
             GATTCharacteristicProperties,
         )
 
+        from ble.bless_peripheral import place_application
+
         server = BlessServer(name=self.name)
         self.server = server
+        await server.setup_task
+        place_application(server.app, self.name)  # out of /org/bluez, as our device's
         server.read_request_func = self._read
         server.write_request_func = self._write
         props = GATTCharacteristicProperties

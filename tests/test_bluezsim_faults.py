@@ -41,6 +41,25 @@ async def find() -> BLEDevice:
     return device
 
 
+async def test_an_echo_peripheral_started_beside_a_central_stays_out_of_its_view(
+    sim: Simulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As ``BlessPeripheral`` (tests/test_ble_onboarding.py): no bless object under /org/bluez."""
+    from bleak.backends.bluezdbus.manager import get_global_bluez_manager
+
+    manager = await get_global_bluez_manager()  # listening before the peripheral starts
+    echo = EchoPeripheral(NAME)
+    await echo.start()
+    try:
+        async with BleakClient(await find()) as client:
+            assert await echo_once(client, b"hello") == b"hello"
+        kept = sorted(manager._properties)
+    finally:
+        await echo.stop()
+    assert [r.getMessage() for r in caplog.records if "handler raised" in r.getMessage()] == []
+    assert all(path == "/org/bluez" or path.startswith("/org/bluez/hci0") for path in kept), kept
+
+
 async def echo_once(client: BleakClient, payload: bytes) -> bytes:
     inbox: asyncio.Queue[bytes] = asyncio.Queue()
     await client.start_notify(TX_CHAR, lambda _c, data: inbox.put_nowait(bytes(data)))
