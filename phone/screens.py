@@ -45,7 +45,10 @@ from protocol.messages import Network
 from protocol.wifi import Security, validate_wifi
 
 if TYPE_CHECKING:
+    from textual.worker import Worker
+
     from phone.app import OwnedDevice, PairingOutcome, PhoneApp
+    from phone.history import HistoryEntry
 
 EMPTY_NEARBY = "No devices nearby — is the device powered and in pairing mode?"
 OTHER_NETWORK = "__other__"
@@ -599,7 +602,9 @@ class MyDevicesScreen(Screen[None]):
     def __init__(self) -> None:
         super().__init__()
         self.owned: list[OwnedDevice] = []
-        self.loaded = False
+        self.pairings: list[HistoryEntry] = []
+        self.loaded = False  # the first load has finished
+        self._loading: Worker[None] | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -629,7 +634,7 @@ class MyDevicesScreen(Screen[None]):
         history.add_column("Took", key="took", width=5)
         self.query_one("#owned-status", Static).update("Loading…")
         owned.focus()
-        self.load()
+        self._loading = self.load()
         refresh_s = _app(self).devices_refresh_s
         if refresh_s > 0:
             self.set_interval(refresh_s, self._refresh_if_shown)
@@ -640,8 +645,8 @@ class MyDevicesScreen(Screen[None]):
 
     def _refresh_if_shown(self) -> None:
         # Not under a dialog (an unbind being confirmed), not while a load runs.
-        if self.is_current and self.loaded:
-            self.load()
+        if self.app.screen is self and (self._loading is None or self._loading.is_finished):
+            self._loading = self.load()
 
     @work(exclusive=True, group="my-devices", exit_on_error=False)
     async def load(self) -> None:
@@ -662,6 +667,12 @@ class MyDevicesScreen(Screen[None]):
             status.update(f"Cannot read the history: {exc}")
             return
         row = table.cursor_row
+        selected = (
+            (self.pairings[row].at, self.pairings[row].device_name)
+            if 0 <= row < len(self.pairings)
+            else None
+        )
+        self.pairings = entries
         table.clear()
         for index, e in enumerate(entries):
             table.add_row(
@@ -673,8 +684,12 @@ class MyDevicesScreen(Screen[None]):
                 f"{e.duration_s:.0f}s" if e.duration_s >= 10 else f"{e.duration_s:.1f}s",
                 key=str(index),
             )
+        # The cursor stays on its entry when newer pairings push it down.
+        keys = [(e.at, e.device_name) for e in entries]
         if entries:
-            table.move_cursor(row=min(row, len(entries) - 1))
+            table.move_cursor(
+                row=keys.index(selected) if selected in keys else min(row, len(keys) - 1)
+            )
         table.display = bool(entries)
         status.update("" if entries else "No pairings on this phone yet.")
 
@@ -693,11 +708,9 @@ class MyDevicesScreen(Screen[None]):
             shown = " (showing the last list)" if self.owned else ""
             status.update(Text(f"The cloud is not reachable: {exc}{shown}", style="red"))
             return
-        selected = (
-            self.owned[table.cursor_row].identifier
-            if self.owned and 0 <= table.cursor_row < len(self.owned)
-            else None
-        )
+        row = table.cursor_row
+        selected = self.owned[row].identifier if 0 <= row < len(self.owned) else None
+        was_hidden = not table.display
         self.owned = devices
         table.clear()
         for index, d in enumerate(devices):
@@ -709,12 +722,16 @@ class MyDevicesScreen(Screen[None]):
                 app.format_time(d.bound_at),
                 key=str(index),
             )
-        # The cursor stays on the device it was on, wherever that row is now.
+        # The cursor stays on the device it was on, wherever that row is now (if
+        # the device is gone, on the row where it was).
         identifiers = [d.identifier for d in devices]
         if devices:
-            table.move_cursor(row=identifiers.index(selected) if selected in identifiers else 0)
+            fallback = min(row, len(devices) - 1)
+            table.move_cursor(
+                row=identifiers.index(selected) if selected in identifiers else fallback
+            )
         table.display = bool(devices)
-        if devices and self.focused is None:  # the list was hidden: the arrow keys work at once
+        if devices and was_hidden:  # the list appears: it takes the keys (`u` acts on it)
             table.focus()
         status.update("" if devices else "No devices in your account yet.")
 
@@ -750,7 +767,7 @@ class MyDevicesScreen(Screen[None]):
             self.notify(f"Unbind failed: {exc}", severity="error")
             return
         self.notify(f"Unbound {short}.")
-        self.load()  # replaces a reload that started before the unbind (exclusive worker)
+        self._loading = self.load()  # replaces a reload that started before the unbind
 
 
 # ---- settings ------------------------------------------------------------------------------

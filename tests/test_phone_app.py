@@ -8,7 +8,6 @@ in-process) with a small owner registry, and the app runs ``Onboarding``.
 from __future__ import annotations
 
 from dataclasses import replace
-from itertools import pairwise
 from pathlib import Path
 
 from textual.widgets import DataTable, Digits, Input, Static
@@ -18,7 +17,7 @@ from ble.profile import AdvState, DeviceStatus, Sighting
 from onboarding_helpers import ScriptedDeviceUser
 from phone.app import NearbyDevices, StageBoard
 from phone.commissioner import Stage, StageState
-from phone.history import History
+from phone.history import History, HistoryEntry
 from phone.screens import (
     EMPTY_NEARBY,
     ChooseNetworkScreen,
@@ -80,12 +79,11 @@ async def test_pair_from_list_to_success(tmp_path: Path) -> None:
             assert rig.user.requests[0].sas == confirm.sas
             assert rig.runtime.state.active is not None
             assert rig.runtime.state.active.identifier == report.identifier
-            # the device's user saw the check-in once, in its own words (no repeated line)
+            # the device's user saw the check-in once, in its own words (it was the
+            # session's "Provisioned as …" line again)
             checked = f"Checked in with the cloud: onboarded as {report.short_id} (epoch 1)"
             await wait_until(pilot, lambda: checked in rig.user.messages)
-            said = rig.user.messages
-            assert said.count(checked) == 1
-            assert all(a != b for a, b in pairwise(said)), said
+            assert rig.user.messages.count(checked) == 1, rig.user.messages
             (entry,) = await history.recent()
             assert entry.ok and entry.identifier == report.short_id
             assert entry.model == "Doorstep Lamp L1" and entry.device_name == DEVICE_NAME
@@ -267,13 +265,17 @@ async def test_my_devices_lists_and_unbinds(tmp_path: Path) -> None:
 async def test_my_devices_follows_the_account_while_shown(tmp_path: Path) -> None:
     """No `r` needed: devices bound elsewhere appear, a check-in shows, the cursor keeps its device."""
     async with memory_rig(tmp_path) as rig:
-        app = app_for(rig.central, rig.cloud, devices_refresh_s=0.1)
+        history = History.in_memory()
+        await history.add(_pairing(1_700_000_000, "Doorstep-00A1"))
+        app = app_for(rig.central, rig.cloud, history=history, devices_refresh_s=0.1)
         async with app.run_test(size=(80, 24)) as pilot:
             await wait_for_device(pilot)
             await pilot.press("m")
             mine = await wait_screen(pilot, MyDevicesScreen)
             owned = mine.query_one("#owned", DataTable)
+            pairings = mine.query_one("#history", DataTable)
             await wait_until(pilot, lambda: "No devices" in _text(mine, "#owned-status"))
+            assert pairings.has_focus  # the only list shown
 
             def rows() -> list[list[str]]:
                 return [[str(c) for c in owned.get_row_at(i)][:3] for i in range(owned.row_count)]
@@ -287,6 +289,9 @@ async def test_my_devices_follows_the_account_while_shown(tmp_path: Path) -> Non
             rig.cloud.extra += [plug, lock]  # bound from another phone of the account
             await wait_until(pilot, lambda: owned.row_count == 2)
             assert owned.display and _text(mine, "#owned-status") == ""
+            assert (
+                owned.has_focus
+            )  # the device list takes the keys when it appears (`u` acts on it)
             await pilot.press("down")
             assert owned.cursor_row == 1  # on the lock
             # the lock checks in, and a third device comes first in the list
@@ -301,13 +306,25 @@ async def test_my_devices_follows_the_account_while_shown(tmp_path: Path) -> Non
                 ["a0a0a0a0", "Doorstep Lock D1", "active"],
             ]
             assert owned.cursor_row == 2  # still on the lock
+            # a newer pairing on this phone: the pairings cursor stays on its entry
+            await history.add(_pairing(1_700_000_600, "Doorstep-00B2"))
+            await wait_until(pilot, lambda: pairings.row_count == 2)
+            assert str(pairings.get_row_at(1)[1]) == "Doorstep-00A1" and pairings.cursor_row == 1
+            # the lock leaves the account: the cursor stays where it was, on the row now there
+            rig.cloud.extra[:] = [lamp, plug]
+            await wait_until(pilot, lambda: owned.row_count == 2)
+            assert owned.cursor_row == 1
             # a failed refresh keeps what was shown, and says why
             cloud, app.cloud = app.cloud, _Unreachable()
             await wait_until(pilot, lambda: "not reachable" in _text(mine, "#owned-status"))
-            assert owned.display and owned.row_count == 3
+            assert owned.display and owned.row_count == 2
             assert "showing the last list" in _text(mine, "#owned-status")
             app.cloud = cloud
             await wait_until(pilot, lambda: _text(mine, "#owned-status") == "")
+
+
+def _pairing(at: float, name: str) -> HistoryEntry:
+    return HistoryEntry(at, name, "C8:2B:96:1A:00:A1", "Doorstep Lamp L1", "", 0, "ok", "", 2.0)
 
 
 class _Unreachable:
