@@ -88,7 +88,10 @@ async def _demo(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
+    # A stop request, or the terminal closing, stops everything (the stack's
+    # processes run in sessions of their own: no hangup reaches them).
     loop.add_signal_handler(signal.SIGTERM, main.cancel)
+    loop.add_signal_handler(signal.SIGHUP, main.cancel)
     started = time.monotonic()
     try:
         async with stack:
@@ -147,6 +150,13 @@ async def _interactive(stack: Any) -> int:
             except TimeoutError:
                 app.kill()
                 await waiter
+            except asyncio.CancelledError:  # a second stop request meanwhile
+                app.kill()
+                await asyncio.shield(waiter)
+                raise
+    if app.returncode != 0:
+        print(f"doorstep demo: the phone app ended with status {app.returncode}", file=sys.stderr)
+        return 1
     return 0
 
 
