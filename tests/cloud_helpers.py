@@ -99,6 +99,15 @@ async def add_user(registry: Registry, name: str) -> str:
     return token
 
 
+async def registered_device(
+    registry: Registry, kek: KeyEncryptionKey, user: str = "alice"
+) -> tuple[SimDevice, str]:
+    """A factory-fresh device registered in the cloud, and a new user's bearer token."""
+    device = SimDevice(new_factory_record())
+    await register(registry, kek, [device.record])
+    return device, await add_user(registry, user)
+
+
 @dataclass
 class SimDevice:
     """A device as the protocol core models it, with its stored identity."""

@@ -37,6 +37,7 @@ from cloud_helpers import (
     onboard,
     pg_url,
     register,
+    registered_device,
     start_session,
 )
 from protocol.encoding import b64url_decode, b64url_encode
@@ -98,10 +99,8 @@ async def test_vector_bind_start_and_complete_answers_reproduce_exactly() -> Non
 
 
 async def test_onboard_checkin_views_and_unbind(cloud: Cloud) -> None:
-    record = new_factory_record()
-    await register(cloud.registry, cloud.kek, [record])
-    token = await add_user(cloud.registry, "alice")
-    device = SimDevice(record)
+    device, token = await registered_device(cloud.registry, cloud.kek)
+    record = device.record
     answer = await onboard(cloud.client, token, device)
     assert answer == {"dev_id": record.dev_id.hex(), "identifier": device.identifier.hex(), "epoch": 1}
 
@@ -146,10 +145,7 @@ async def _identity_rows(cloud: Cloud, identifier: bytes) -> list[str]:
 
 
 async def test_an_identity_lives_in_its_attempt_until_its_bind_completes(cloud: Cloud) -> None:
-    record = new_factory_record()
-    await register(cloud.registry, cloud.kek, [record])
-    token = await add_user(cloud.registry, "alice")
-    device = SimDevice(record)
+    device, token = await registered_device(cloud.registry, cloud.kek)
     session, ack = await accept_bind(cloud.client, token, device)
     assert session.answer is not None
     # Issued, and usable for a signature, but no identities row yet.
@@ -175,10 +171,8 @@ async def test_an_identity_lives_in_its_attempt_until_its_bind_completes(cloud: 
 
 async def test_identities_still_in_their_attempt_are_retired_like_the_others(cloud: Cloud) -> None:
     """A newer check-in and an unbind retire identities whose bind never completed."""
-    record = new_factory_record()
-    await register(cloud.registry, cloud.kek, [record])
-    token = await add_user(cloud.registry, "alice")
-    device = SimDevice(record)
+    device, token = await registered_device(cloud.registry, cloud.kek)
+    record = device.record
     await onboard(cloud.client, token, device)
 
     async def issued_only() -> SimDevice:
@@ -208,10 +202,7 @@ async def test_binds_started_before_version_5_still_complete(backend: str) -> No
     """An attempt written by a version-4 server has its identity in its own row."""
     url = backend_url(backend, None)
     async with in_process_cloud(url) as c:
-        record = new_factory_record()
-        await register(c.registry, c.kek, [record])
-        token = await add_user(c.registry, "alice")
-        device = SimDevice(record)
+        device, token = await registered_device(c.registry, c.kek)
         session, ack = await accept_bind(c.client, token, device)
         assert session.answer is not None
 
@@ -234,10 +225,7 @@ async def test_binds_started_before_version_5_still_complete(backend: str) -> No
 
 
 async def test_checkin_completes_a_bind_whose_complete_never_arrived(cloud: Cloud) -> None:
-    record = new_factory_record()
-    await register(cloud.registry, cloud.kek, [record])
-    token = await add_user(cloud.registry, "bob")
-    device = SimDevice(record)
+    device, token = await registered_device(cloud.registry, cloud.kek, "bob")
     session, _ = await accept_bind(cloud.client, token, device)
     assert session.answer is not None
     body, headers = device.checkin_request()
@@ -514,10 +502,8 @@ async def test_other_users_attempt_bad_ack_and_expiry(cloud: Cloud) -> None:
 
 
 async def test_forged_replayed_and_stale_signatures_are_refused(cloud: Cloud) -> None:
-    record = new_factory_record()
-    await register(cloud.registry, cloud.kek, [record])
-    token = await add_user(cloud.registry, "alice")
-    device = SimDevice(record)
+    device, token = await registered_device(cloud.registry, cloud.kek)
+    record = device.record
     await onboard(cloud.client, token, device)
     nonce = os.urandom(16)
     body, headers = device.checkin_request(nonce=nonce)
@@ -610,10 +596,8 @@ async def test_the_device_limit_holds_alike_for_registered_and_unknown_dev_ids(
 
 async def test_secrets_never_in_responses_or_logs(cloud: Cloud, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    record = new_factory_record()
-    await register(cloud.registry, cloud.kek, [record])
-    token = await add_user(cloud.registry, "alice")
-    device = SimDevice(record)
+    device, token = await registered_device(cloud.registry, cloud.kek)
+    record = device.record
     texts = []
     original = cloud.client.send
 
