@@ -76,6 +76,18 @@ class KeyEncryptionKey:
         nonce = self._rng(_NONCE)
         return nonce + self._aead.encrypt(nonce, secret, _AAD_LABEL + purpose + b" " + owner)
 
+    def wrap_many(self, purpose: bytes, items: list[tuple[bytes, bytes]]) -> list[bytes]:
+        """:meth:`wrap` of each ``(owner, secret)``, with every nonce from one draw."""
+        nonces = self._rng(_NONCE * len(items))
+        if len(nonces) != _NONCE * len(items):
+            raise ValueError("the nonce source returned too few bytes")
+        encrypt, prefix = self._aead.encrypt, _AAD_LABEL + purpose + b" "
+        out = []
+        for at, (owner, secret) in enumerate(items):
+            nonce = nonces[at * _NONCE : (at + 1) * _NONCE]
+            out.append(nonce + encrypt(nonce, secret, prefix + owner))
+        return out
+
     def unwrap(self, purpose: bytes, owner: bytes, wrapped: bytes) -> bytes:
         try:
             return self._aead.decrypt(

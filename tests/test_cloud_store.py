@@ -417,7 +417,7 @@ async def test_version_3_keeps_every_replay_record_inside_its_attempt(
 
         await registry.run(old_rows)
         assert await registry.migrate(up_to=3) == [3]
-        assert await registry.migrate() == [4, 5]
+        assert await registry.migrate() == [4, 5, 6]
         assert await registry.migrate() == []
 
         async def lookups(tx: RegistryTransaction) -> tuple[object, object]:
@@ -452,6 +452,87 @@ async def test_version_3_keeps_every_replay_record_inside_its_attempt(
 
         with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
             await registry.run(same_challenge_again)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_version_6_indexes_owned_devices_only_and_owner_lists_stay_whole(
+    backend: str, tmp_path: Path
+) -> None:
+    """Unowned devices (every freshly registered one) leave the owner index."""
+    async with backend_registry(backend, tmp_path, migrate=False) as registry:
+        assert await registry.migrate(up_to=5) == [1, 2, 3, 4, 5]
+        records = [new_factory_record() for _ in range(4)]
+        await register(registry, KeyEncryptionKey(TEST_KEK), records)
+        await add_user(registry, "alice")
+        await add_user(registry, "bob")
+        owners = {1: [records[2], records[0]], 2: [records[3]]}  # records[1]: nobody's
+
+        async def bind(tx: RegistryTransaction) -> None:
+            for owner, owned in owners.items():
+                for at, record in enumerate(owned):
+                    await tx._tx.execute(
+                        "UPDATE devices SET owner_id = $1, bound_at = $2 WHERE dev_id = $3",
+                        owner,
+                        100 + at,
+                        record.dev_id,
+                    )
+
+        await registry.run(bind)
+        assert await registry.migrate() == [6]
+
+        for owner, owned in owners.items():
+            listed = await registry.run(lambda tx, o=owner: tx.devices_of(o))
+            assert [d.dev_id for d in listed] == [r.dev_id for r in owned]
+
+        if backend == "sqlite":
+            sql = "SELECT sql FROM sqlite_master WHERE name = 'devices_owner'"
+        else:
+            sql = "SELECT indexdef FROM pg_indexes WHERE indexname = 'devices_owner'"
+        (definition,) = await registry.run(lambda tx: tx._tx.fetchrow(sql))
+        assert "WHERE" in definition and "owner_id IS NOT NULL" in definition
+        if backend == "sqlite":
+            plan = await registry.run(
+                lambda tx: tx._tx.fetch(
+                    "EXPLAIN QUERY PLAN SELECT * FROM devices WHERE owner_id = $1 "
+                    "ORDER BY bound_at, dev_id",
+                    1,
+                )
+            )
+            assert any("USING INDEX devices_owner" in row[3] for row in plan)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_bulk_import_registers_every_record_with_its_own_wrapped_k_init(
+    backend: str, tmp_path: Path
+) -> None:
+    """Batches commit in order with progress; each K_init opens for its own device only."""
+    from cloud.cli import import_factory_records
+    from cloud.keys import PURPOSE_K_INIT, UnwrapError
+
+    draws: list[int] = []
+
+    def rng(n: int) -> bytes:
+        draws.append(n)
+        return os.urandom(n)
+
+    kek = KeyEncryptionKey(TEST_KEK, rng=rng)
+    records = [new_factory_record() for _ in range(20)]
+    done: list[int] = []
+    async with backend_registry(backend, tmp_path) as registry:
+        await import_factory_records(registry, kek, records, batch=7, progress=done.append)
+        assert done == [7, 14, 20]
+        assert draws == [7 * 12, 7 * 12, 6 * 12]  # one draw of nonces per batch
+        stored = [await registry.run(lambda tx, r=r: tx.device(r.dev_id)) for r in records]
+    nonces = set()
+    for record, device in zip(records, stored, strict=True):
+        assert device is not None and (device.mac, device.model) == (record.mac, record.model)
+        assert kek.unwrap(PURPOSE_K_INIT, record.dev_id, device.k_init_wrapped) == record.k_init
+        nonces.add(device.k_init_wrapped[:12])
+    assert len(nonces) == len(records)
+    other = records[1].dev_id
+    assert stored[0] is not None
+    with pytest.raises(UnwrapError):  # bound to its device: it does not open as another's
+        kek.unwrap(PURPOSE_K_INIT, other, stored[0].k_init_wrapped)
 
 
 def test_settings_that_would_forget_a_challenge_too_soon_are_refused() -> None:
