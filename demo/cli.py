@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import sys
+import termios
 import time
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,7 @@ async def _interactive(stack: Any) -> int:
 
     # The URL and token reach the app through its environment only: a command
     # line is visible to every user of the machine (ps).
+    terminal = _terminal_state()
     app = await asyncio.create_subprocess_exec(*doorstep_cmd("phone"), env=env)
     watcher = asyncio.create_task(_watch(stack))
     waiter = asyncio.create_task(app.wait())
@@ -153,11 +155,43 @@ async def _interactive(stack: Any) -> int:
             except asyncio.CancelledError:  # a second stop request meanwhile
                 app.kill()
                 await asyncio.shield(waiter)
+                _restore_terminal(terminal)
                 raise
+        if app.returncode != 0:
+            # Killed (by us or anyone) or crashed: it may have left the terminal
+            # in its screen mode, with no echo, the cursor hidden and mouse reports on.
+            _restore_terminal(terminal)
     if app.returncode != 0:
         print(f"doorstep demo: the phone app ended with status {app.returncode}", file=sys.stderr)
         return 1
     return 0
+
+
+# What a Textual app undoes when it stops: the Kitty keyboard protocol, the
+# alternate screen, a hidden cursor, focus, mouse and paste reports, no line wrap.
+_TERMINAL_RESET = (
+    "\x1b[<u\x1b[?1049l\x1b[?25h\x1b[?1004l"
+    "\x1b[?1000l\x1b[?1003l\x1b[?1015l\x1b[?1006l\x1b[?2004l\x1b[?7h"
+)
+
+
+def _terminal_state() -> list[Any] | None:
+    """The terminal's settings before the phone app changes them (None: no terminal)."""
+    try:
+        return termios.tcgetattr(sys.stdin.fileno())
+    except (termios.error, OSError, ValueError):
+        return None
+
+
+def _restore_terminal(saved: list[Any] | None) -> None:
+    """Put the terminal back as it was before the phone app, as the app would on quitting."""
+    if saved is None:
+        return
+    with contextlib.suppress(termios.error, OSError, ValueError):
+        termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, saved)
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.write(_TERMINAL_RESET)
+        sys.stdout.flush()
 
 
 async def _headless(stack: Any) -> int:
