@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -525,8 +526,9 @@ def create_app(
         """A user (Bearer) or a hub acting for its owner (DS1-HMAC, §6.3)."""
         if not header:
             raise Unauthorized("an Authorization header is required")
-        if header.startswith("Bearer "):
-            return await service().authenticate_user(header[len("Bearer ") :])
+        scheme, _, credentials = header.partition(" ")
+        if scheme.lower() == "bearer":  # auth schemes are case-insensitive (RFC 9110 §11.1)
+            return await service().authenticate_user(credentials.lstrip(" "))
         if header.startswith("DS1-HMAC "):
             return await service().authenticate_hub(header, method, path, await body())
         raise Unauthorized("use Bearer or DS1-HMAC authorization")
@@ -681,10 +683,15 @@ def settings_from_env(env: dict[str, str] | None = None) -> Settings:
         if not text:
             continue
         try:
-            overrides[field] = kind(text)
+            value = kind(text)
         except ValueError:
             what = "a whole number" if kind is int else "a number"
             raise ConfigurationError(f"{name} must be {what}", code="bad_settings") from None
+        # A window or an interval of 0 divides by zero or spins; a limit of 0 refuses all.
+        if not value > 0:
+            what = "at least 1" if kind is int else "above 0"
+            raise ConfigurationError(f"{name} must be {what}", code="bad_settings")
+        overrides[field] = value
     return Settings(database_url=env.get(ENV_DB) or default_database_url(env), **overrides)
 
 
@@ -694,9 +701,43 @@ def app_from_env() -> FastAPI:
     For ``doorstep cloud serve`` and for each worker of ``--workers N``
     (``uvicorn --factory cloud.app:app_from_env``).
     """
+    if ENV_LOG_LEVEL in os.environ:  # set by ``doorstep cloud serve`` (--log-level)
+        configure_logging(os.environ[ENV_LOG_LEVEL])
     app = create_app(settings_from_env())
     freeze_startup_heap()
     return app
+
+
+ENV_LOG_LEVEL = "DOORSTEP_CLOUD_LOG_LEVEL"
+
+
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time (as logging's last resort does)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+def configure_logging(level: str) -> None:
+    """The cloud's own messages (``doorstep.cloud``) on stderr beside uvicorn's, from ``level``.
+
+    Without this only its warnings reached stderr, through logging's last
+    resort, and ``--log-level info`` showed none of its information (such as
+    the group-commit figures at shutdown).
+    """
+    logger = logging.getLogger("doorstep")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(levelname)s:  %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    wanted = logging.getLevelName(level.upper())
+    if isinstance(wanted, int) and wanted < logger.getEffectiveLevel():
+        logger.setLevel(wanted)
 
 
 def freeze_startup_heap() -> None:

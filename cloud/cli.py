@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -25,6 +26,7 @@ from cloud.errors import ConfigurationError
 from cloud.keys import ENV_KEK_FILE, PURPOSE_K_INIT, KeyEncryptionKey, load_kek, write_new_kek
 from cloud.service import BindService, hash_token
 from cloud.settings import ENV_DB, default_database_url
+from cloud.store.database import sqlite_path
 from cloud.store.registry import DeviceRecord, Registry, RegistryTransaction, open_registry
 from protocol.encoding import b64url_encode
 from protocol.factory import FactoryRecord
@@ -40,13 +42,16 @@ def add_parser(subparsers: Any) -> None:
     cloud.set_defaults(func=lambda _args: _usage(cloud))
     sub = cloud.add_subparsers(dest="cloud_command", metavar="COMMAND")
 
+    # The file used when neither --db nor $DOORSTEP_CLOUD_DB is set (XDG_DATA_HOME counts).
+    data_file_url = default_database_url({k: v for k, v in os.environ.items() if k != ENV_DB})
+
     def db_option(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--db",
             default=None,
             metavar="URL",
-            help=f"sqlite:///PATH or postgresql://… (default: ${ENV_DB} or "
-            f"{default_database_url({})})",
+            help=f"sqlite:///PATH (relative), sqlite:////PATH (absolute) or postgresql://… "
+            f"(default: ${ENV_DB} or {data_file_url})",
         )
 
     def kek_option(parser: argparse.ArgumentParser) -> None:
@@ -60,10 +65,17 @@ def add_parser(subparsers: Any) -> None:
     serve = sub.add_parser("serve", help="serve the HTTP API with uvicorn")
     db_option(serve)
     kek_option(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--workers", type=int, default=1)
-    serve.add_argument("--log-level", default="warning")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8080, help="TCP port (0: any free port)")
+    serve.add_argument(
+        "--workers", type=int, default=1, help="server processes (PostgreSQL for more than 1)"
+    )
+    serve.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="what the server logs (default warning)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     migrate = sub.add_parser("migrate", help="create or upgrade the database schema")
@@ -92,7 +104,13 @@ def add_parser(subparsers: Any) -> None:
     devices = sub.add_parser("devices", help="list registered devices")
     db_option(devices)
     devices.add_argument("--json", action="store_true", help="one JSON array")
-    devices.add_argument("--limit", type=int, default=1000)
+    devices.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="at most N devices (default: 1000 in the table, every one with --json)",
+    )
     devices.set_defaults(func=cmd_devices)
 
     kek = sub.add_parser("kek", help="key-encryption key")
@@ -108,9 +126,9 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, status: int = 1) -> int:
     print(f"doorstep cloud: {message}", file=sys.stderr)
-    return 1
+    return status
 
 
 def _db(args: argparse.Namespace) -> str:
@@ -121,12 +139,22 @@ def _run(coro: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(coro())  # type: ignore[arg-type]
 
 
+def _reader_gone() -> int:
+    """stdout's reader left (``… | head``): stop quietly, as ``cat`` would."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit must not fail again
+    os.close(devnull)
+    return 141  # 128 + SIGPIPE, what a shell reports for a command stopped by it
+
+
 def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def wrapper(args: argparse.Namespace) -> int:
         try:
             return func(args)
         except ConfigurationError as exc:
             return _fail(f"{exc} [{exc.code}]")
+        except BrokenPipeError:
+            return _reader_gone()
         except OSError as exc:
             return _fail(str(exc))
 
@@ -138,14 +166,20 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from cloud.app import app_from_env, settings_from_env
+    from cloud.app import ENV_LOG_LEVEL, app_from_env, settings_from_env
 
+    if not 0 <= args.port <= 65535:
+        return _fail("--port must be 0–65535")
+    if args.workers < 1:
+        return _fail("--workers must be at least 1")
     url = _db(args)
     if args.kek_file:
         os.environ[ENV_KEK_FILE] = args.kek_file
     load_kek()  # fail early and clearly (kek_missing)
     os.environ[ENV_DB] = url
+    os.environ[ENV_LOG_LEVEL] = args.log_level  # for the app in this process or each worker
     settings_from_env()  # likewise for DOORSTEP_CLOUD_* numbers (bad_settings)
+    _run(lambda: _check_database(url))  # and the database (bad_database_url, …_unavailable)
     if args.workers > 1:
         print(
             f"serving {args.workers} workers on http://{args.host}:{args.port} …", file=sys.stderr
@@ -163,6 +197,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving on http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+async def _check_database(url: str) -> None:
+    """Open and close the database: a bad URL or file is a one-line error before serving.
+
+    With several workers each would otherwise fail on its own, after
+    "serving on …", with a traceback.
+    """
+    registry = await open_registry(url, migrate=False)
+    await registry.close()
 
 
 @_guarded
@@ -278,13 +322,17 @@ def cmd_factory_new(args: argparse.Namespace) -> int:
 
     entropy = cloud_entropy()
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    done = 0
+
+    def registered(count: int) -> None:
+        nonlocal done
+        done += count
 
     async def run() -> None:
-        registry = await open_registry(_db(args))
+        registry = await open_registry(_db(args))  # a bad --db fails before --out is made
         started = time.monotonic()
-        done = 0
         try:
+            out.mkdir(parents=True, exist_ok=True)
             while done < args.count:
                 size = min(FACTORY_BATCH, args.count - done)
                 # One draw per batch: the source is health-tested per read, so
@@ -294,13 +342,7 @@ def cmd_factory_new(args: argparse.Namespace) -> int:
                     new_factory_record(args.model, _slicer(pool[i * _RECORD_DRAW :]))
                     for i in range(size)
                 ]
-                for record in batch:
-                    path = out / f"{record.dev_id.hex()}.json"
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                        handle.write(record.dumps())
-                await register_factory_records(registry, kek, batch)
-                done += len(batch)
+                await _write_and_register(registry, kek, batch, out, registered)
                 rate = done / max(time.monotonic() - started, 1e-6)
                 print(
                     f"\r{done}/{args.count} devices registered ({rate:,.0f}/s)",
@@ -312,16 +354,83 @@ def cmd_factory_new(args: argparse.Namespace) -> int:
             await registry.close()
         print(file=sys.stderr)
 
-    _run(run)
+    try:
+        _run(run)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return _fail(
+            f"interrupted after {done} of {args.count} devices: each one registered has "
+            f"its record in {out}, and nothing else was kept",
+            status=130,
+        )
     print(f"wrote {args.count} factory records to {out}")
     return 0
+
+
+async def _write_and_register(
+    registry: Registry,
+    kek: KeyEncryptionKey,
+    batch: list[FactoryRecord],
+    out: Path,
+    registered: Callable[[int], None],
+) -> None:
+    """Each record's file appears in ``out`` once its device is registered, and only then.
+
+    The files are written under temporary names and renamed after the batch
+    commits. Stopped before the commit (Ctrl-C, a database error), no file and
+    no device of the batch is left; stopped after it, the renames still finish.
+    """
+    staged: list[tuple[Path, Path]] = []
+    registering: asyncio.Future[None] | None = None
+    try:
+        for record in batch:
+            name = f"{record.dev_id.hex()}.json"
+            partial = out / f".{name}.partial"
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            staged.append((partial, out / name))
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(record.dumps())
+        registering = asyncio.ensure_future(register_factory_records(registry, kek, batch))
+        await asyncio.shield(registering)
+    except BaseException:
+        if registering is not None:
+            # Ctrl-C cancels this task, not the transaction: see how that ended.
+            with contextlib.suppress(BaseException):
+                await registering
+        committed = (
+            registering is not None
+            and registering.done()
+            and not registering.cancelled()
+            and registering.exception() is None
+        )
+        if committed:
+            registered(len(batch))
+            _publish(staged)
+        else:
+            for partial, _ in staged:
+                partial.unlink(missing_ok=True)
+        raise
+    registered(len(batch))
+    _publish(staged)
+
+
+def _publish(staged: list[tuple[Path, Path]]) -> None:
+    """Rename every staged file into place, even if Ctrl-C comes meanwhile."""
+    try:
+        for partial, final in staged:
+            partial.rename(final)
+    except KeyboardInterrupt:
+        for partial, final in staged:
+            if partial.exists():
+                partial.rename(final)
+        raise
 
 
 @_guarded
 def cmd_user_add(args: argparse.Namespace) -> int:
     name = args.name.strip()
-    if not name or len(name) > 64:
-        return _fail("the user name must be 1–64 characters")
+    if not name or len(name) > 64 or not name.isprintable():
+        return _fail("the user name must be 1–64 printable characters (no tabs or newlines)")
     token = b64url_encode(os.urandom(32))
 
     async def run() -> int | None:
@@ -347,14 +456,28 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
 @_guarded
 def cmd_devices(args: argparse.Namespace) -> int:
-    async def run() -> tuple[list[dict[str, Any]], int]:
-        registry = await open_registry(_db(args))
+    if args.limit is not None and args.limit < 1:
+        return _fail("--limit must be at least 1")
+    limit = args.limit or (None if args.json else 1000)
+    url = _db(args)
+    if url.startswith("sqlite:"):
+        path = sqlite_path(url)
+        if path != ":memory:" and not Path(path).is_file():
+            # A listing creates nothing: a mistyped path is not a new, empty cloud.
+            return _fail(f"no database at {path} (create it with `doorstep cloud migrate`)")
+
+    async def run() -> tuple[list[dict[str, Any]], int] | None:
+        registry = await open_registry(url, migrate=False)
         try:
+            if not await registry.is_current():
+                return None
 
             async def body(
                 tx: RegistryTransaction,
             ) -> tuple[list[DeviceRecord], dict[int, str], int]:
-                return await tx.all_devices(args.limit), await tx.user_names(), await tx.count_devices()
+                total = await tx.count_devices()
+                devices = await tx.all_devices(total if limit is None else limit)
+                return devices, await tx.user_names(), total
 
             devices, names, total = await registry.run(body)
         finally:
@@ -367,12 +490,17 @@ def cmd_devices(args: argparse.Namespace) -> int:
             rows.append(view)
         return rows, total
 
-    rows, total = _run(run)
+    listed = _run(run)
+    if listed is None:
+        return _fail("the database's schema is not this version's: run `doorstep cloud migrate`")
+    rows, total = listed
     if args.json:
         print(json.dumps(rows, indent=2))
+        if total > len(rows):
+            print(f"{total - len(rows)} more devices not listed (--limit)", file=sys.stderr)
         return 0
     columns = ("dev_id", "model", "owner", "state", "epoch", "identifier", "last_checkin")
-    table = [[("" if row[c] is None else str(row[c])) for c in columns] for row in rows]
+    table = [[_cell(column, row[column]) for column in columns] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in table]) for i, c in enumerate(columns)]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
     for r in table:
@@ -380,6 +508,14 @@ def cmd_devices(args: argparse.Namespace) -> int:
     if total > len(rows):
         print(f"… {total - len(rows)} more (use --limit)")
     return 0
+
+
+def _cell(column: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if column == "last_checkin":  # Unix seconds in --json; a readable UTC time here
+        return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(value))
+    return str(value)
 
 
 @_guarded

@@ -99,10 +99,10 @@ class KeyEncryptionKey:
 
 def parse_kek_text(text: str, origin: str) -> bytes:
     try:
-        key = b64url_decode(text.strip())
+        key = b64url_decode(text.strip().removesuffix("="))  # "=" padding is tolerated
     except MessageError:
         raise ConfigurationError(
-            f"{origin}: the KEK must be base64url (no padding) of 32 bytes", code="kek_invalid"
+            f"{origin}: the KEK must be base64url of 32 bytes", code="kek_invalid"
         ) from None
     if len(key) != KEK_SIZE:
         raise ConfigurationError(f"{origin}: the KEK must be 32 bytes", code="kek_invalid")
@@ -119,7 +119,11 @@ def load_kek(kek_file: str | None = None, env: Mapping[str, str] | None = None) 
     if path:
         try:
             text = Path(path).read_text(encoding="ascii")
-        except (OSError, UnicodeDecodeError) as exc:
+        except UnicodeDecodeError:
+            raise ConfigurationError(
+                f"{path}: the KEK must be base64url of 32 bytes", code="kek_invalid"
+            ) from None
+        except OSError as exc:
             raise ConfigurationError(
                 f"cannot read the KEK file {path}: {exc}", code="kek_missing"
             ) from None

@@ -79,6 +79,12 @@ class Settings:
         return self.completion_window_s + 86400
 
     def __post_init__(self) -> None:
+        if min(self.rate_window_s, self.rate_per_user, self.rate_per_device) < 1 or (
+            self.rate_per_address < 1
+        ):
+            raise ConfigurationError(
+                "rate_window_s and the rate limits must be at least 1", code="bad_settings"
+            )
         if not (self.maintenance_interval_s > 0 and self.checkpoint_interval_s > 0):
             raise ConfigurationError(
                 "maintenance_interval_s and checkpoint_interval_s must be above 0",

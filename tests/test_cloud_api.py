@@ -644,6 +644,21 @@ async def test_unknown_device_timing_is_close_to_a_bad_tag() -> None:
         assert abs(medians["unknown"] - medians["bad_tag"]) < 0.5 * medians["bad_tag"]
 
 
+async def test_the_bearer_scheme_is_case_insensitive(cloud: Cloud) -> None:
+    """RFC 9110 §11.1: ``bearer`` and ``BEARER`` are ``Bearer``; another scheme is refused."""
+    device, token = await registered_device(cloud.registry, cloud.kek)
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        headers = {"authorization": f"{scheme} {token}"}
+        assert (await cloud.client.get("/v1/devices", headers=headers)).status_code == 200
+    request = start_session(device).request
+    started = await cloud.client.post(
+        "/v1/bind/start", json=request, headers={"authorization": f"bearer {token}"}
+    )
+    assert started.status_code == 201, started.text
+    refused = await cloud.client.get("/v1/devices", headers={"authorization": f"Token {token}"})
+    problem(refused, 401, "unauthorized")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_fifty_concurrent_bind_starts_for_one_challenge(backend: str) -> None:
     settings = Settings(rate_per_user=10**6, rate_per_device=10**6, rate_per_address=10**6)
@@ -696,6 +711,7 @@ def test_served_processes_keep_their_start_up_heap_out_of_the_collector(
 
     monkeypatch.setenv("DOORSTEP_KEK", b64url_encode(TEST_KEK))
     monkeypatch.setenv("DOORSTEP_CLOUD_DB", f"sqlite:///{tmp_path}/cloud.db")
+    monkeypatch.setenv("DOORSTEP_CLOUD_LOG_LEVEL", "warning")  # serve sets it: restore it after
     served: list[int] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **_: served.append(gc.get_freeze_count()))
     gc.unfreeze()
@@ -715,7 +731,9 @@ def test_served_processes_keep_their_start_up_heap_out_of_the_collector(
     [
         ("DOORSTEP_CLOUD_CHECKPOINT_S", "soon", "DOORSTEP_CLOUD_CHECKPOINT_S must be a number"),
         ("DOORSTEP_CLOUD_RATE_USER", "1.5", "DOORSTEP_CLOUD_RATE_USER must be a whole number"),
-        ("DOORSTEP_CLOUD_MAINTENANCE_S", "0", "maintenance_interval_s and checkpoint_interval_s"),
+        ("DOORSTEP_CLOUD_MAINTENANCE_S", "0", "DOORSTEP_CLOUD_MAINTENANCE_S must be above 0"),
+        ("DOORSTEP_CLOUD_RATE_WINDOW", "0", "DOORSTEP_CLOUD_RATE_WINDOW must be at least 1"),
+        ("DOORSTEP_CLOUD_RATE_DEVICE", "-3", "DOORSTEP_CLOUD_RATE_DEVICE must be at least 1"),
     ],
 )
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -734,6 +752,7 @@ def test_serve_words_a_bad_setting_and_exits(
 
     monkeypatch.setenv("DOORSTEP_KEK", b64url_encode(TEST_KEK))
     monkeypatch.setenv("DOORSTEP_CLOUD_DB", f"sqlite:///{tmp_path}/cloud.db")
+    monkeypatch.setenv("DOORSTEP_CLOUD_LOG_LEVEL", "warning")  # serve sets it: restore it after
     monkeypatch.setenv(name, value)
     monkeypatch.setattr(uvicorn, "run", lambda app, **_: pytest.fail("served with a bad setting"))
     assert main(["cloud", "serve", "--port", "0", "--workers", workers]) == 1

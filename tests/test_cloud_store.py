@@ -544,12 +544,22 @@ def test_settings_that_would_forget_a_challenge_too_soon_are_refused() -> None:
     assert Settings().attempt_retention_s >= Settings().attempt_validity_s + 300
 
 
-@pytest.mark.parametrize("field", ["maintenance_interval_s", "checkpoint_interval_s"])
-def test_maintenance_intervals_must_be_above_zero(field: str) -> None:
+@pytest.mark.parametrize(
+    "field",
+    [
+        "maintenance_interval_s",  # the maintenance task would spin
+        "checkpoint_interval_s",
+        "rate_window_s",  # every bind/start would divide by zero
+        "rate_per_user",
+        "rate_per_device",
+        "rate_per_address",
+    ],
+)
+def test_intervals_windows_and_limits_must_be_above_zero(field: str) -> None:
     from cloud.errors import ConfigurationError
 
     with pytest.raises(ConfigurationError) as info:
-        Settings(**{field: 0})  # the maintenance task would spin
+        Settings(**{field: 0})
     assert info.value.code == "bad_settings"
 
 

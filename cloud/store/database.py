@@ -195,30 +195,56 @@ class SqliteDatabase:
 
     @classmethod
     async def open(cls, path: str) -> SqliteDatabase:
+        """Open (creating it and its directory if need be) the database file at ``path``.
+
+        A file that is not a SQLite database, or one that cannot be opened,
+        raises :class:`ConfigurationError` (``database_unavailable``) with
+        nothing left open.
+        """
         if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"cannot create the directory of the database {path}: {exc.strerror}",
+                    code="database_unavailable",
+                ) from None
         # The writer never waits on the loop's thread: see _run_light.
         conn = await cls._connect(path, busy_timeout_ms=0)
-        checkpointer = None if path == ":memory:" else await cls._connect(path)
-        if checkpointer is not None:
-            await _in_connection_thread(checkpointer, _lower_thread_priority)
+        try:
+            checkpointer = None if path == ":memory:" else await cls._connect(path)
+            if checkpointer is not None:
+                await _in_connection_thread(checkpointer, _lower_thread_priority)
+        except BaseException:
+            await conn.close()
+            raise
         return cls(conn, checkpointer)
 
     @staticmethod
     async def _connect(path: str, busy_timeout_ms: int = _BUSY_TIMEOUT_MS) -> aiosqlite.Connection:
         # Used from the loop's thread and aiosqlite's, never at the same time.
-        conn = await aiosqlite.connect(path, isolation_level=None, check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        for pragma in (
-            "PRAGMA journal_mode=WAL",
-            "PRAGMA synchronous=NORMAL",  # WAL: durable across process crashes
-            f"PRAGMA busy_timeout={busy_timeout_ms}",
-            "PRAGMA foreign_keys=ON",
-            "PRAGMA wal_autocheckpoint=0",
-            f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}",
-            "PRAGMA cache_size=-65536",
-        ):
-            await conn.execute(pragma)
+        try:
+            conn = await aiosqlite.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise _unusable(path, exc) from None
+        try:
+            conn.row_factory = sqlite3.Row
+            for pragma in (
+                "PRAGMA journal_mode=WAL",
+                "PRAGMA synchronous=NORMAL",  # WAL: durable across process crashes
+                f"PRAGMA busy_timeout={busy_timeout_ms}",
+                "PRAGMA foreign_keys=ON",
+                "PRAGMA wal_autocheckpoint=0",
+                f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}",
+                "PRAGMA cache_size=-65536",
+            ):
+                await conn.execute(pragma)
+        except BaseException as exc:
+            # An open connection's thread would keep the process from ever exiting.
+            await conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise _unusable(path, exc) from None
+            raise
         return conn
 
     async def run(self, body: Body[T], *, heavy: bool = False) -> T:
@@ -389,6 +415,13 @@ class SqliteDatabase:
             await self._checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             await self._checkpointer.close()
         await self._conn.close()
+
+
+def _unusable(path: str, exc: sqlite3.Error) -> ConfigurationError:
+    """A file that is no SQLite database (or cannot be opened as one), in one line."""
+    return ConfigurationError(
+        f"cannot use {path} as the cloud's SQLite database: {exc}", code="database_unavailable"
+    )
 
 
 def _lower_thread_priority(_conn: sqlite3.Connection) -> None:

@@ -1,0 +1,230 @@
+"""``doorstep cloud …`` as an administrator uses it: clear one-line errors, nothing half-made."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cloud.keys import KEK_SIZE, KeyEncryptionKey, load_kek
+from cloud.store.registry import open_registry
+from cloud_helpers import TEST_KEK, new_factory_record, register
+from doorstep_cli import main
+from protocol.encoding import b64url_encode
+
+DOORSTEP = [sys.executable, "-m", "doorstep_cli"]
+
+
+@pytest.fixture(autouse=True)
+def _kek(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOORSTEP_KEK", b64url_encode(TEST_KEK))
+    monkeypatch.delenv("DOORSTEP_KEK_FILE", raising=False)
+    monkeypatch.delenv("DOORSTEP_CLOUD_DB", raising=False)
+    monkeypatch.setenv("DOORSTEP_CLOUD_LOG_LEVEL", "warning")  # serve sets it: restore it after
+
+
+def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    return subprocess.run(
+        [*DOORSTEP, *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def _one_line_error(text: str, *parts: str) -> None:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in text, text
+    assert lines[0].startswith("doorstep cloud: "), text
+    for part in parts:
+        assert part in lines[0], text
+
+
+def _sqlite_threads() -> int:
+    return sum(1 for t in threading.enumerate() if "_connection_worker_thread" in t.name)
+
+
+def test_a_file_that_is_no_database_is_one_line_and_the_command_ends(tmp_path: Path) -> None:
+    """It used to print a traceback and then hang for good (a connection's thread stayed)."""
+    not_db = tmp_path / "notes.txt"
+    not_db.write_text("my notes\n")
+    for command in (["migrate"], ["devices"], ["user", "add", "ann"]):
+        done = _run("cloud", *command, "--db", f"sqlite:///{not_db}", timeout=30)
+        assert done.returncode == 1
+        _one_line_error(done.stderr, "file is not a database", "[database_unavailable]")
+    assert not_db.read_text() == "my notes\n"
+
+
+def test_a_database_that_cannot_be_made_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    before = _sqlite_threads()
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert main(["cloud", "migrate", "--db", f"sqlite:///{blocked}/sub/cloud.db"]) == 1
+    _one_line_error(capsys.readouterr().err, "[database_unavailable]")
+    assert _sqlite_threads() == before  # nothing left open
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--db", "mysql://db.example/cloud"], "[bad_database_url]"),
+        (["--port", "99999"], "--port must be 0–65535"),
+        (["--workers", "0"], "--workers must be at least 1"),
+    ],
+)
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_refuses_a_bad_database_or_port_before_serving(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    args: list[str],
+    message: str,
+    workers: str,
+) -> None:
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served anyway"))
+    monkeypatch.setenv("DOORSTEP_CLOUD_DB", f"sqlite:///{tmp_path}/cloud.db")
+    argv = ["cloud", "serve", "--workers", workers, *args]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    _one_line_error(err, message)
+    assert "serving" not in err
+
+
+def test_serve_refuses_a_file_that_is_no_database(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served anyway"))
+    (tmp_path / "x.db").write_text("not sqlite")
+    assert main(["cloud", "serve", "--db", f"sqlite:///{tmp_path}/x.db", "--workers", "2"]) == 1
+    _one_line_error(capsys.readouterr().err, "[database_unavailable]")
+
+
+def test_factory_new_stopped_by_ctrl_c_keeps_files_and_devices_alike(tmp_path: Path) -> None:
+    """Every registered device has its record file, and no file is for an unknown device."""
+    db, out = tmp_path / "cloud.db", tmp_path / "records"
+    assert _run("cloud", "migrate", "--db", f"sqlite:///{db}").returncode == 0
+    command = ["cloud", "factory", "new", "--count", "200000", "--out", str(out)]
+    proc = subprocess.Popen(
+        [*DOORSTEP, *command, "--db", f"sqlite:///{db}"], stderr=subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    seen = b""
+    deadline = time.monotonic() + 60
+    while b"devices registered" not in seen:  # the first batch is in: Ctrl-C now
+        assert time.monotonic() < deadline and proc.poll() is None, seen
+        seen += proc.stderr.read1(4096)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=60)[1]
+    err = (seen + rest).decode()
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1].split("\r")[-1]
+    assert last.startswith("doorstep cloud: interrupted after ") and "nothing else" in last
+    assert "Traceback" not in err
+    files = {p.name for p in out.iterdir()}
+    assert files and all(name.endswith(".json") and not name.startswith(".") for name in files)
+    with sqlite3.connect(db) as conn:
+        registered = {row[0].hex() + ".json" for row in conn.execute("SELECT dev_id FROM devices")}
+    assert files == registered
+    assert f"after {len(files)} of 200000 devices" in last
+
+
+def test_factory_new_with_a_bad_database_makes_no_output_directory(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "records"
+    argv = ["cloud", "factory", "new", "--count", "3", "--out", str(out), "--db", "mysql://x"]
+    assert main(argv) == 1
+    _one_line_error(capsys.readouterr().err, "[bad_database_url]")
+    assert not out.exists()
+
+
+async def _registered(db: Path, count: int) -> None:
+    registry = await open_registry(f"sqlite:///{db}")
+    try:
+        await register(
+            registry, KeyEncryptionKey(TEST_KEK), [new_factory_record() for _ in range(count)]
+        )
+    finally:
+        await registry.close()
+
+
+def test_devices_lists_create_nothing_and_json_lists_every_device(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    missing = tmp_path / "typo.db"
+    assert main(["cloud", "devices", "--db", f"sqlite:///{missing}"]) == 1
+    _one_line_error(capsys.readouterr().err, f"no database at {missing}", "cloud migrate")
+    assert not missing.exists()
+
+    db = tmp_path / "cloud.db"
+    asyncio.run(_registered(db, 1002))
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "UPDATE devices SET last_checkin = 1700000000 WHERE dev_id = "
+            "(SELECT dev_id FROM devices ORDER BY registered_at, dev_id LIMIT 1)"
+        )
+    import json
+
+    assert main(["cloud", "devices", "--db", f"sqlite:///{db}", "--json"]) == 0
+    out = capsys.readouterr()
+    assert len(json.loads(out.out)) == 1002 and out.err == ""  # not cut at the table's 1000
+    assert main(["cloud", "devices", "--db", f"sqlite:///{db}", "--json", "--limit", "2"]) == 0
+    out = capsys.readouterr()
+    assert len(json.loads(out.out)) == 2
+    assert out.err.strip() == "1000 more devices not listed (--limit)"
+    assert main(["cloud", "devices", "--db", f"sqlite:///{db}"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 1 + 1000 + 1 and table[-1] == "… 2 more (use --limit)"
+    assert "2023-11-14 22:13:20Z" in table[1]  # a check-in time people can read
+    assert main(["cloud", "devices", "--db", f"sqlite:///{db}", "--limit", "0"]) == 1
+    _one_line_error(capsys.readouterr().err, "--limit must be at least 1")
+
+
+def test_devices_into_a_pipe_that_closes_early_stops_quietly(tmp_path: Path) -> None:
+    """``doorstep cloud devices | head``: no "Broken pipe" error."""
+    db = tmp_path / "cloud.db"
+    asyncio.run(_registered(db, 1000))
+    proc = subprocess.Popen(
+        [*DOORSTEP, "cloud", "devices", "--db", f"sqlite:///{db}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"DEV_ID")
+    proc.stdout.close()  # what head does after its lines
+    err = proc.stderr.read()
+    assert proc.wait(timeout=30) == 141
+    assert err == b""
+
+
+@pytest.mark.parametrize("name", ["ann\tbeth", "ann\nbeth", "\x1b[31mred"])
+def test_user_names_with_control_characters_are_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str
+) -> None:
+    assert main(["cloud", "user", "add", name, "--db", f"sqlite:///{tmp_path}/c.db"]) == 1
+    _one_line_error(capsys.readouterr().err, "printable characters")
+
+
+def test_a_padded_kek_is_accepted_and_a_binary_kek_file_is_invalid(tmp_path: Path) -> None:
+    from cloud.errors import ConfigurationError
+
+    padded = tmp_path / "padded.kek"
+    padded.write_text(b64url_encode(TEST_KEK) + "=\n")
+    assert load_kek(str(padded)) == TEST_KEK and len(TEST_KEK) == KEK_SIZE
+    binary = tmp_path / "binary.kek"
+    binary.write_bytes(bytes(range(200, 240)))
+    with pytest.raises(ConfigurationError) as info:
+        load_kek(str(binary))
+    assert info.value.code == "kek_invalid"
