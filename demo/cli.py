@@ -8,6 +8,10 @@ same flow ``doorstep phone pair`` uses and prints a timeline per stage; it is
 also what runs when stdin or stdout is not a terminal (a pipe, a CI log), where
 the phone app could only wait for keys that never come.
 Everything it starts is stopped when it exits, on Ctrl-C, or when a process dies.
+
+Every demo starts factory-fresh: it empties its work directory first. It only
+ever empties a directory it made itself, which it marks with a ``.doorstep-demo``
+file; a ``--dir`` that is neither new, empty, nor marked is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +31,15 @@ from typing import Any
 DEMO_SSID = "DoorstepHome"
 DEMO_PASSPHRASE = "correct horse battery"  # noqa: S105 - the simulated network's, shown on screen
 
+# In every work directory the demo made: its licence to empty that directory.
+MARKER = ".doorstep-demo"
+_MARKER_TEXT = (
+    "This directory belongs to `doorstep demo`: every demo run deletes everything in it.\n"
+)
+# What versions that wrote no marker left in the default directory (demo.stack
+# and the phone app): only such a directory is emptied without a marker.
+_UNMARKED_DEMO_FILES = frozenset({"logs", "kek", "factory", "devices", "config"})
+
 
 def data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
@@ -39,11 +52,25 @@ def add_parser(subparsers: Any) -> None:
     )
     demo.add_argument("--headless", action="store_true", help="onboard every device, scripted")
     demo.add_argument("--devices", type=int, default=3, help="how many devices (default 3)")
-    demo.add_argument("--interval-ms", type=float, default=30.0, help="BLE connection interval")
-    demo.add_argument("--adv-interval-ms", type=float, default=100.0, help="advertising interval")
-    demo.add_argument("--mtu", type=int, default=247)
     demo.add_argument(
-        "--dir", type=Path, default=None, help=f"work directory (default {data_dir()})"
+        "--interval-ms",
+        type=float,
+        default=30.0,
+        help="BLE connection interval, 7.5..4000 ms (default 30)",
+    )
+    demo.add_argument(
+        "--adv-interval-ms",
+        type=float,
+        default=100.0,
+        help="advertising interval, 20..10240 ms (default 100)",
+    )
+    demo.add_argument("--mtu", type=int, default=247, help="ATT MTU, 23..517 (default 247)")
+    demo.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help=f"work directory, emptied at every start: a new or empty one, or one an earlier "
+        f"demo made (default {data_dir()})",
     )
     demo.set_defaults(func=cmd_demo)
 
@@ -52,19 +79,103 @@ def say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
+class WorkdirError(Exception):
+    """The demo must not use this work directory; the message (one line) says why."""
+
+
+def check_workdir(workdir: Path) -> bool:
+    """Whether ``workdir`` holds an earlier demo's files (to delete); WorkdirError if unusable.
+
+    Usable: a path that does not exist yet (under directories), an empty
+    directory, or one the demo made. Only looks; changes nothing.
+    """
+    try:
+        if not workdir.exists():
+            if workdir.is_symlink():
+                raise WorkdirError(f"{workdir} is a dangling symbolic link, not a directory")
+            parent = next(p for p in workdir.absolute().parents if p.exists())
+            if not parent.is_dir():
+                raise WorkdirError(f"{parent} is not a directory (in --dir {workdir})")
+            return False
+        if not workdir.is_dir():
+            raise WorkdirError(f"{workdir} is not a directory")
+        names = {entry.name for entry in workdir.iterdir()}
+    except OSError as exc:
+        raise WorkdirError(f"cannot use {workdir}: {exc.strerror or exc}") from exc
+    if not names:
+        return False
+    if (workdir / MARKER).is_file():
+        return True
+    # The default directory, made by a version that wrote no marker: it is
+    # Doorstep's own (under the user's data directory), and users expect it to
+    # be emptied. Only if it holds nothing but what the demo writes there.
+    if workdir.absolute() == data_dir().absolute() and all(
+        name in _UNMARKED_DEMO_FILES or name.startswith("cloud.db") for name in names
+    ):
+        return True
+    raise WorkdirError(
+        f"{workdir} is not empty and was not made by the demo (no {MARKER} in it); "
+        "refusing to delete what is in it: choose a new or empty --dir"
+    )
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """Make ``workdir`` a factory-fresh, marked work directory (WorkdirError, OSError)."""
+    earlier_demo = check_workdir(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    # The marker first: an interrupted clean-up leaves a directory still known as the demo's.
+    (workdir / MARKER).write_text(_MARKER_TEXT)
+    if not earlier_demo:
+        return  # new or empty: nothing of anyone's to delete
+    for entry in workdir.iterdir():
+        if entry.name == MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _usage_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the command line (one line), or None; starts and changes nothing."""
+    from bluezsim import att
+    from bluezsim.cli import check_intervals
+
+    if not 1 <= args.devices <= 32:
+        return "--devices must be 1..32"
+    try:
+        check_intervals(args.interval_ms, args.adv_interval_ms)
+        att.check_mtu(args.mtu)
+        check_workdir(args.dir)
+    except (ValueError, WorkdirError) as exc:
+        return str(exc)
+    return None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.dir is None:
+        args.dir = data_dir()
+    problem = _usage_error(args)
+    if problem is not None:
+        print(f"doorstep demo: {problem}", file=sys.stderr)
+        return 2
     if shutil.which("dbus-daemon") is None:
         print(
             "doorstep demo: dbus-daemon is missing (Debian: apt-get install dbus)", file=sys.stderr
         )
         return 2
-    if not 1 <= args.devices <= 32:
-        print("doorstep demo: --devices must be 1..32", file=sys.stderr)
-        return 2
     if not args.headless and not (sys.stdin.isatty() and sys.stdout.isatty()):
         say("not a terminal: running the scripted demo (--headless) instead of the phone app")
         args.headless = True
     try:
+        try:
+            prepare_workdir(args.dir)  # every demo starts factory-fresh
+        except WorkdirError as exc:  # it changed since the check above
+            print(f"doorstep demo: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"doorstep demo: cannot prepare {args.dir}: {exc}", file=sys.stderr)
+            return 1
         return asyncio.run(_demo(args))
     except KeyboardInterrupt:
         say("interrupted; everything stopped")
@@ -74,10 +185,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 async def _demo(args: argparse.Namespace) -> int:
     from demo.stack import Stack, StackError
 
-    workdir = args.dir or data_dir()
-    if workdir.exists():
-        shutil.rmtree(workdir)  # every demo starts factory-fresh
-    workdir.mkdir(parents=True)
+    workdir: Path = args.dir
     stack = Stack(
         workdir,
         timing=True,

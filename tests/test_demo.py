@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import doorstep_cli
 from demo.stack import doorstep_cmd
 
 pytestmark = pytest.mark.timeout(150)
@@ -192,3 +193,159 @@ async def test_a_phone_app_that_must_be_killed_leaves_a_usable_terminal(tmp_path
     for undo in (b"\x1b[?1049l", b"\x1b[?25h", b"\x1b[?1000l", b"\x1b[?1003l", b"\x1b[?2004l"):
         assert undo in after  # main screen, cursor, no mouse or paste reports
     assert b"Traceback" not in demo.screen
+
+
+# ---- the command line and the work directory: in-process, nothing starts ----------------
+
+_REFUSED_DIR = (
+    "doorstep demo: {} is not empty and was not made by the demo (no .doorstep-demo in it); "
+    "refusing to delete what is in it: choose a new or empty --dir\n"
+)
+
+
+@pytest.fixture
+def nothing_can_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No dbus-daemon on PATH: a demo let through by mistake stops before starting anything,
+    and the default work directory is under ``tmp_path``."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+
+
+def _files(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): p.read_text() if p.is_file() else "<dir>"
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def _users_directory(path: Path) -> dict[str, str]:
+    (path / "sub").mkdir(parents=True)
+    (path / "notes.txt").write_text("my notes\n")
+    (path / "sub" / "y").write_text("y\n")
+    return _files(path)
+
+
+@pytest.mark.usefixtures("nothing_can_start")
+def test_demo_refuses_a_directory_of_the_users_and_deletes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mywork = tmp_path / "mywork"
+    before = _users_directory(mywork)
+    argv = ["demo", "--headless", "--devices", "1", "--dir", str(mywork)]
+    assert doorstep_cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err == _REFUSED_DIR.format(mywork)
+    assert captured.out == ""
+    assert _files(mywork) == before  # not even a marker or a logs/ added
+
+
+@pytest.mark.usefixtures("nothing_can_start")
+def test_demo_refuses_a_default_directory_holding_something_it_did_not_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    default = tmp_path / "data" / "doorstep" / "demo"
+    (default / "logs").mkdir(parents=True)
+    (default / "cloud.db").write_text("an earlier demo's\n")
+    (default / "notes.txt").write_text("mine\n")
+    before = _files(default)
+    assert doorstep_cli.main(["demo", "--headless"]) == 2
+    assert capsys.readouterr().err == _REFUSED_DIR.format(default)
+    assert _files(default) == before
+
+
+@pytest.mark.usefixtures("nothing_can_start")
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_demo_refuses_a_file_as_its_directory(
+    below: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    somefile = tmp_path / "somefile"
+    somefile.write_text("keep me\n")
+    assert doorstep_cli.main(["demo", "--headless", "--dir", str(somefile / below)]) == 2
+    err = capsys.readouterr().err
+    where = "" if not below else f" (in --dir {somefile / below})"
+    assert err == f"doorstep demo: {somefile} is not a directory{where}\n"
+    assert somefile.read_text() == "keep me\n"
+
+
+@pytest.mark.usefixtures("nothing_can_start")
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (
+            ["--interval-ms", "-1"],
+            "--interval-ms must be in 7.5..4000 ms (BLE's connection interval range), got -1",
+        ),
+        (
+            ["--interval-ms", "0"],
+            "--interval-ms must be in 7.5..4000 ms (BLE's connection interval range), got 0",
+        ),
+        (
+            ["--adv-interval-ms", "0"],
+            "--adv-interval-ms must be in 20..10240 ms (BLE's advertising interval range), got 0",
+        ),
+        (
+            ["--adv-interval-ms", "20000"],
+            "--adv-interval-ms must be in 20..10240 ms (BLE's advertising interval range), "
+            "got 20000",
+        ),
+        (["--mtu", "5"], "MTU must be in 23..517, got 5"),
+    ],
+)
+def test_demo_refuses_out_of_range_options_before_touching_its_directory(
+    argv: list[str], error: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workdir = tmp_path / "new"
+    assert doorstep_cli.main(["demo", "--headless", "--dir", str(workdir), *argv]) == 2
+    assert capsys.readouterr().err == f"doorstep demo: {error}\n"
+    assert not workdir.exists()
+
+
+def _an_earlier_demos_files(workdir: Path) -> None:
+    for name in ("logs", "factory", "devices/0a1b2c3d", "config/doorstep"):
+        (workdir / name).mkdir(parents=True)
+    (workdir / "logs" / "sim.log").write_text("…\n")
+    (workdir / "factory" / "0a1b2c3d.json").write_text("{}\n")
+    (workdir / "cloud.db").write_text("…\n")
+    (workdir / "kek").write_text("…\n")
+
+
+def test_a_directory_the_demo_made_is_emptied_for_the_next_run(tmp_path: Path) -> None:
+    """Every demo starts factory-fresh, in a new, an empty, or its own directory."""
+    from demo.cli import MARKER, prepare_workdir
+
+    new = tmp_path / "a" / "new"
+    prepare_workdir(new)
+    assert [p.name for p in new.iterdir()] == [MARKER]
+    _an_earlier_demos_files(new)
+    (new / "link").symlink_to(tmp_path / "outside")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "keep").write_text("keep\n")
+    prepare_workdir(new)
+    assert [p.name for p in new.iterdir()] == [MARKER]
+    assert (tmp_path / "outside" / "keep").read_text() == "keep\n"  # links are not followed
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    prepare_workdir(empty)
+    assert [p.name for p in empty.iterdir()] == [MARKER]
+
+
+def test_the_default_directory_of_an_earlier_version_is_emptied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Versions before the marker wrote none: their default directory is still emptied,
+    but the same files in any other directory are refused."""
+    from demo.cli import MARKER, WorkdirError, data_dir, prepare_workdir
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    default = data_dir()
+    _an_earlier_demos_files(default)
+    prepare_workdir(default)
+    assert [p.name for p in default.iterdir()] == [MARKER]
+
+    other = tmp_path / "other"
+    _an_earlier_demos_files(other)
+    before = _files(other)
+    with pytest.raises(WorkdirError):
+        prepare_workdir(other)
+    assert _files(other) == before
