@@ -23,11 +23,22 @@ from protocol.handshake import BindStartRequest
 
 
 class CloudRefused(DS1Error):
-    """The cloud said no; ``code`` is the cloud's stable problem code."""
+    """The cloud said no; ``code`` is the cloud's stable problem code.
 
-    def __init__(self, status: Status, code: str, message: str) -> None:
+    ``hint`` is what to do about it, when the status's own hint (which speaks
+    of the device) would mislead.
+    """
+
+    def __init__(self, status: Status, code: str, message: str, hint: str = "") -> None:
         super().__init__(message, code=code)
         self.status = status
+        self.hint = hint
+
+
+_CLOUD_HINTS: dict[str, str] = {
+    "unauthorized": "Check the token in Settings.",
+    "rate_limited": "Wait a moment, then try again.",
+}
 
 
 # The cloud's problem codes, in words a user can act on.
@@ -52,18 +63,27 @@ _MESSAGES: dict[str, tuple[Status, str]] = {
 
 
 def _translate(exc: CloudError) -> DS1Error:
+    if isinstance(exc, CloudUnavailable) and exc.status >= 500:
+        # It answered, with a failure of its own: the network is fine.
+        return CloudRefused(
+            Status.BUSY,
+            exc.code,
+            f"The cloud could not answer (its error: {exc.code}, HTTP {exc.status}).",
+            "Try again in a moment; if it keeps failing, tell whoever runs the cloud.",
+        )
     if isinstance(exc, CloudUnavailable):
         return CloudRefused(
             Status.TIMED_OUT,
             "cloud_unavailable",
             "Cannot reach the cloud; check the network and the cloud URL in Settings.",
+            "Check this machine's network and the cloud URL, then try again.",
         )
     status, message = _MESSAGES.get(
         exc.code, (Status.PROTOCOL_ERROR, f"The cloud refused the request ({exc.code}).")
     )
     if exc.code == "rate_limited" and exc.retry_after:
-        message = f"Too many attempts; try again in {exc.retry_after} s."
-    return CloudRefused(status, exc.code, message)
+        message = f"Too many attempts; try again in {exc.retry_after:g} s."
+    return CloudRefused(status, exc.code, message, _CLOUD_HINTS.get(exc.code, ""))
 
 
 @dataclass(frozen=True)

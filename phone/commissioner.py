@@ -312,13 +312,13 @@ class Onboarding:
         self.report.stage = stage
         await self.delegate.stage_changed(stage, StageState.RUNNING, detail)
 
-    async def _fail(self, status: Status, message: str) -> OnboardingReport:
+    async def _fail(self, status: Status, message: str, hint: str = "") -> OnboardingReport:
         if self._stage_started:
             self.report.timings.setdefault(self._stage, self.clock() - self._stage_started)
-        what, hint = explain(status)
+        what, status_hint = explain(status)
         self.report.status = status
         self.report.message = message or what
-        self.report.hint = hint
+        self.report.hint = hint or status_hint
         await self.delegate.stage_changed(self._stage, StageState.FAILED, self.report.message)
         return self.report
 
@@ -386,7 +386,7 @@ class Onboarding:
         except OnboardingError as exc:
             return await self._fail(exc.status, str(exc))
         except DS1Error as exc:
-            return await self._fail(exc.status, exc.message)
+            return await self._fail(exc.status, exc.message, getattr(exc, "hint", ""))
         finally:
             self.report.total_s = self.clock() - started
             await self._shutdown()

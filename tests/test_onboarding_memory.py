@@ -250,3 +250,49 @@ async def test_retry_after_failed_join_times_the_successful_attempt(tmp_path: Pa
         join_events = [st.value for s, st, _d in delegate.stages if s is Stage.JOIN]
         assert join_events.count("failed") == 1 and join_events[-1] == "done"
         assert set(report.timings) == set(Stage)
+
+
+class _FailingEntropy:
+    """The cloud's entropy source has failed (it then answers 503, fail closed)."""
+
+    def read(self, n: int) -> bytes:
+        raise OSError("the entropy source is gone")
+
+
+@pytest.mark.parametrize("failure", ["cloud error", "cloud unreachable"])
+async def test_a_cloud_failure_is_reported_as_the_clouds_not_the_network_or_device(
+    tmp_path: Path, failure: str
+) -> None:
+    """A cloud that answers 5xx is not "cannot reach the cloud"; neither says "move closer"."""
+    import httpx
+
+    from cloud_helpers import add_user, in_process_cloud, register
+    from phone.cloudlink import CloudLink
+
+    async with (
+        running_device(tmp_path) as (air, runtime, _local, _user),
+        in_process_cloud("sqlite:///:memory:", entropy=_FailingEntropy()) as c,
+    ):
+        await register(c.registry, c.kek, [runtime.factory])
+        token = await add_user(c.registry, "alice")
+        if failure == "cloud error":
+            link = CloudLink("http://cloud.test", token, transport=httpx.ASGITransport(app=c.app))
+        else:
+            link = CloudLink("http://127.0.0.1:9", token)  # nothing listens on the discard port
+        (sighting,) = [s async for s in air.central().scan()]
+        delegate = ScriptedCommissioner(choices=[GOOD])
+        try:
+            report = await Onboarding(air.central(), link, delegate).run(sighting.address)
+        finally:
+            await link.aclose()
+    assert not report.ok and report.stage is Stage.VERIFY
+    if failure == "cloud error":
+        assert report.status is Status.BUSY
+        assert report.message == (
+            "The cloud could not answer (its error: entropy_unavailable, HTTP 503)."
+        )
+        assert report.hint.startswith("Try again in a moment; if it keeps failing, tell whoever")
+    else:
+        assert report.status is Status.TIMED_OUT
+        assert report.message.startswith("Cannot reach the cloud")
+        assert report.hint == "Check this machine's network and the cloud URL, then try again."
