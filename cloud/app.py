@@ -165,6 +165,9 @@ async def _on_http(_request: Request, exc: Exception) -> Response:
         problem = NotFound("no such resource", code="not_found")
     elif exc.status_code == 405:
         problem = MethodNotAllowed("method not allowed on this resource")
+        allow = (exc.headers or {}).get("Allow")
+        if allow:  # RFC 9110 §15.5.6: a 405 names the methods the resource has
+            problem.headers = {**problem.headers, "Allow": allow}
     elif exc.status_code == 400:
         problem = BadRequest("the body could not be read", code="malformed_body")
     else:

@@ -361,7 +361,9 @@ async def test_malformed_requests_get_exact_codes(cloud: Cloud) -> None:
     problem(await post("/v1/bind/complete", json=unknown | {"attempt": "AAAA"}, headers=bearer(token)), 400, "wrong_size")
 
     problem(await cloud.client.get("/v1/nowhere"), 404, "not_found")
-    problem(await cloud.client.put("/v1/bind/start", json=good), 405, "method_not_allowed")
+    refused = await cloud.client.put("/v1/bind/start", json=good)
+    problem(refused, 405, "method_not_allowed")
+    assert refused.headers["allow"] == "POST"
     problem(await cloud.client.get("/v1/devices/XYZ", headers=bearer(token)), 400, "bad_hex")
     problem(await cloud.client.get(f"/v1/devices/{os.urandom(16).hex()}", headers=bearer(token)), 404, "unknown_device")
 
