@@ -122,10 +122,61 @@ class Problem(BaseModel):
     code: str
 
 
-_PROBLEMS: dict[int | str, dict[str, Any]] = {
-    status: {"model": Problem, "content": {PROBLEM_JSON: {}}}
-    for status in (400, 401, 403, 404, 409, 410, 413, 422, 429)
+_PROBLEM_TITLES: dict[int, str] = {
+    400: "Malformed request",
+    401: "No or bad credentials",
+    403: "Refused",
+    404: "No such resource",
+    409: "Conflict",
+    410: "Gone (expired)",
+    413: "Body too large",
+    422: "Invalid request",
+    429: "Rate limited (Retry-After)",
+    503: "Storage or entropy unavailable",
 }
+
+
+def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The problem+json answers a route can give (schema: ``Problem``)."""
+    schema = {"$ref": "#/components/schemas/Problem"}
+    return {
+        status: {
+            "description": _PROBLEM_TITLES[status],
+            "content": {PROBLEM_JSON: {"schema": schema}},
+        }
+        for status in statuses
+    }
+
+
+# §6: users send a bearer token; hubs (for their owner) and devices sign (§6.3).
+_SECURITY_SCHEMES: dict[str, Any] = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "a user's token"},
+    "ds1_hmac": {
+        "type": "http",
+        "scheme": "DS1-HMAC",
+        "description": "§6.3: DS1-HMAC id=<identifier hex>, ts=<unix s>, nonce=<b64url>, sig=<b64url>",
+    },
+}
+_USER_OR_HUB: dict[str, Any] = {"security": [{"bearer": []}, {"ds1_hmac": []}]}
+_DEVICE: dict[str, Any] = {"security": [{"ds1_hmac": []}]}
+
+
+def _with_problem_schema(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """``app.openapi`` with the Problem schema and the security schemes in its components."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            components = schema.setdefault("components", {})
+            components.setdefault("schemas", {})["Problem"] = Problem.model_json_schema(
+                ref_template="#/components/schemas/{model}"
+            )
+            components["securitySchemes"] = _SECURITY_SCHEMES
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
 
 
 # --- problem rendering -------------------------------------------------------------------
@@ -511,6 +562,7 @@ def create_app(
         openapi_url="/openapi.json",
         redoc_url=None,
     )
+    app.openapi = _with_problem_schema(app)  # type: ignore[method-assign]
     app.add_exception_handler(CloudProblem, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
@@ -563,7 +615,8 @@ def create_app(
         "/v1/bind/start",
         status_code=201,
         response_model=BindStartAnswer,
-        responses=_PROBLEMS,
+        responses=_problems(400, 401, 403, 413, 422, 429, 503),
+        openapi_extra=_USER_OR_HUB,
         tags=["bind"],
         summary="§6.1 answer a device challenge (user bearer token or hub signature)",
     )
@@ -579,7 +632,8 @@ def create_app(
     @app.post(
         "/v1/bind/complete",
         response_model=BindCompleteAnswer,
-        responses=_PROBLEMS,
+        responses=_problems(400, 401, 403, 404, 409, 410, 413, 422, 503),
+        openapi_extra=_USER_OR_HUB,
         tags=["bind"],
         summary="§6.2 complete an attempt with the device's Ack",
     )
@@ -590,7 +644,8 @@ def create_app(
     @app.post(
         "/v1/devices/checkin",
         response_model=BindCompleteAnswer,
-        responses=_PROBLEMS,
+        responses=_problems(400, 401, 403, 409, 410, 413, 422, 503),
+        openapi_extra=_DEVICE,
         tags=["devices"],
         summary="§6.4 device check-in, signed (§6.3) with the pending K_dev",
     )
@@ -607,7 +662,8 @@ def create_app(
     @app.get(
         "/v1/devices",
         response_model=list[DeviceView],
-        responses=_PROBLEMS,
+        responses=_problems(401, 403, 503),
+        openapi_extra=_USER_OR_HUB,
         tags=["devices"],
         summary="§6.5 the caller's devices",
     )
@@ -617,7 +673,8 @@ def create_app(
     @app.get(
         "/v1/devices/{identifier}",
         response_model=DeviceView,
-        responses=_PROBLEMS,
+        responses=_problems(400, 401, 403, 404, 422, 503),
+        openapi_extra=_USER_OR_HUB,
         tags=["devices"],
         summary="§6.5 one of the caller's devices",
     )
@@ -627,7 +684,8 @@ def create_app(
     @app.delete(
         "/v1/devices/{identifier}",
         status_code=204,
-        responses=_PROBLEMS,
+        responses=_problems(400, 401, 403, 404, 422, 503),
+        openapi_extra=_USER_OR_HUB,
         tags=["devices"],
         summary="§6.5 unbind: the owner releases the device; its identities are retired",
     )

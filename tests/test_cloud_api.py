@@ -646,6 +646,31 @@ async def test_unknown_device_timing_is_close_to_a_bad_tag() -> None:
         assert abs(medians["unknown"] - medians["bad_tag"]) < 0.5 * medians["bad_tag"]
 
 
+async def test_the_openapi_schema_documents_credentials_and_problem_answers(cloud: Cloud) -> None:
+    """What /docs shows a client author: how to authenticate, and each error's body."""
+    schema = (await cloud.client.get("/openapi.json")).json()
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["bearer"]["scheme"] == "bearer" and schemes["ds1_hmac"]["scheme"] == "DS1-HMAC"
+    assert set(schema["components"]["schemas"]["Problem"]["required"]) >= {"code", "status"}
+    operations = [(p, m, op) for p, ops in schema["paths"].items() for m, op in ops.items()]
+    assert len(operations) == 7
+    for path, method, op in operations:
+        if path == "/v1/health":
+            assert "security" not in op
+            continue
+        assert op["security"], (method, path)
+        errors = {int(status): r for status, r in op["responses"].items() if int(status) >= 400}
+        assert 401 in errors and 503 in errors, (method, path)
+        for answer in errors.values():  # problem+json, with its schema; nothing else
+            content = answer["content"]
+            assert list(content) == ["application/problem+json"], (method, path)
+            assert content["application/problem+json"]["schema"]["$ref"].endswith("/Problem")
+    by_path = {(p, m): op for p, m, op in operations}
+    assert by_path[("/v1/devices/checkin", "post")]["security"] == [{"ds1_hmac": []}]
+    assert 429 in {int(s) for s in by_path[("/v1/bind/start", "post")]["responses"]}
+    assert 429 not in {int(s) for s in by_path[("/v1/devices", "get")]["responses"]}
+
+
 async def test_the_bearer_scheme_is_case_insensitive(cloud: Cloud) -> None:
     """RFC 9110 §11.1: ``bearer`` and ``BEARER`` are ``Bearer``; another scheme is refused."""
     device, token = await registered_device(cloud.registry, cloud.kek)
