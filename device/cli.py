@@ -11,9 +11,20 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from device.wifi import WifiEnvironment
+    from protocol.factory import FactoryRecord
 
 PIDFILE = "device.pid"
+# M2's ``fw`` is a text string of at most 16 bytes (protocol.messages.Challenge, PROTOCOL.md §4):
+# a longer one makes every commissioner refuse the device at the first message.
+FW_MAX_BYTES = 16
+BLUETOOTH_HINT = (
+    "is bluetoothd running? for the simulator, start `doorstep sim` and export the "
+    "DBUS_SYSTEM_BUS_ADDRESS it prints"
+)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -59,6 +70,57 @@ def _fail(message: str) -> int:
     return 2
 
 
+def load_factory(path: Path) -> FactoryRecord:
+    """The factory record at ``path``; ``OSError`` if unreadable, ``MessageError`` if not one."""
+    from protocol.errors import MessageError
+    from protocol.factory import FactoryRecord
+
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:  # JSON is UTF-8: the same answer as any other non-JSON file
+        raise MessageError("factory record is not valid JSON", code="bad_factory_record") from None
+    return FactoryRecord.loads(text)
+
+
+def load_wifi(path: Path | None) -> WifiEnvironment:
+    """``--wifi``, or the built-in home; ``WifiConfigError`` if the file is not usable."""
+    from device.wifi import WifiEnvironment
+
+    return WifiEnvironment.load(path) if path is not None else WifiEnvironment.default()
+
+
+def bluetooth_problem(exc: BaseException) -> str | None:
+    """One line on why Bluetooth cannot be used, if ``exc`` says so (else None).
+
+    ``BlessPeripheral`` reports it as ``LinkError`` ``adapter_unavailable``, a central's
+    scan as ``scan_failed``; the cause is an ``OSError`` when there is no D-Bus system bus.
+    """
+    from ble.errors import LinkError
+
+    if not isinstance(exc, LinkError) or exc.code not in ("adapter_unavailable", "scan_failed"):
+        return None
+    cause = exc.__cause__
+    # dbus-next/dbus-fast errors name the D-Bus error in ``type``, bleak's in ``dbus_error``
+    names = f"{getattr(cause, 'type', '')} {getattr(cause, 'dbus_error', '')} {cause}"
+    if isinstance(cause, OSError):
+        reason = "the D-Bus system bus is not reachable"
+    elif "ServiceUnknown" in names or "NameHasNoOwner" in names:
+        reason = "bluetoothd (org.bluez) is not on the D-Bus system bus"
+    elif type(cause).__name__ == "InvalidAddressError":
+        reason = "DBUS_SYSTEM_BUS_ADDRESS is not a D-Bus address"
+    else:
+        reason = " ".join(str(cause or exc.message).split()) or exc.code
+    return f"no usable Bluetooth adapter: {reason} ({BLUETOOTH_HINT})"
+
+
+async def wait_started(runtime: Any, task: asyncio.Task[None]) -> bool:
+    """Wait until ``runtime`` advertises (True) or its ``task`` ends first (False)."""
+    started = asyncio.ensure_future(runtime.started.wait())
+    await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+    started.cancel()
+    return bool(runtime.started.is_set())
+
+
 def _running_pid(state: Path) -> int | None:
     try:
         pid = int((state / PIDFILE).read_text().strip())
@@ -75,20 +137,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     from device.storage import StorageError
     from device.wifi import WifiConfigError
     from protocol.errors import MessageError
-    from protocol.factory import FactoryRecord
 
     try:
-        factory = FactoryRecord.loads(args.factory.read_text())
+        fw_bytes = len(args.fw.encode("utf-8"))
+    except UnicodeEncodeError:
+        return _fail("--fw must be UTF-8 text")
+    if fw_bytes > FW_MAX_BYTES:
+        return _fail(
+            f"--fw must be at most {FW_MAX_BYTES} bytes of UTF-8 (the firmware version "
+            f"sent in M2), got {fw_bytes}"
+        )
+    try:
+        factory = load_factory(args.factory)
     except OSError as exc:
         return _fail(f"cannot read factory record {args.factory}: {exc.strerror}")
     except MessageError as exc:
         return _fail(f"{args.factory}: {exc.message}")
+    try:
+        wifi = load_wifi(args.wifi)  # before the state directory is touched
+    except WifiConfigError as exc:
+        return _fail(str(exc))
     if (pid := _running_pid(args.state)) is not None:
         return _fail(f"a device is already running on {args.state} (pid {pid})")
     try:
-        return asyncio.run(_run(args, factory))
+        return asyncio.run(_run(args, factory, wifi))
     except (StorageError, WifiConfigError) as exc:
         return _fail(str(exc))
+    except Exception as exc:
+        if (problem := bluetooth_problem(exc)) is None:
+            raise
+        return _fail(problem)
     except KeyboardInterrupt:
         return 130
 
@@ -98,7 +176,7 @@ def build_runtime(
     store: Any,
     *,
     confirm: str,
-    wifi_file: Path | None,
+    wifi: WifiEnvironment,
     cloud_url: str | None,
     adapter: str | None = None,
     fw: str = "1.0.0",
@@ -106,13 +184,13 @@ def build_runtime(
     """A device runtime on the BlueZ peripheral: ``(runtime, user, checkin)``.
 
     Shared by ``doorstep device run`` and the hub's first boot (a hub is a device first).
+    Start a ``TerminalUser`` once ``wait_started`` says the device advertises: a reader
+    blocked on stdin would keep a device that failed to start from exiting.
     """
     from ble.bless_peripheral import BlessPeripheral
     from device.runtime import DeviceRuntime
     from device.user import ScriptedUser, TerminalUser
-    from device.wifi import WifiEnvironment
 
-    wifi = WifiEnvironment.load(wifi_file) if wifi_file else WifiEnvironment.default()
     checkin = None
     if cloud_url:
         from device.cloudlink import CloudCheckin
@@ -128,7 +206,7 @@ def build_runtime(
     return runtime, user, checkin
 
 
-async def _run(args: argparse.Namespace, factory: Any) -> int:
+async def _run(args: argparse.Namespace, factory: FactoryRecord, wifi: WifiEnvironment) -> int:
     from device.storage import DeviceStore
     from device.user import TerminalUser
 
@@ -136,7 +214,7 @@ async def _run(args: argparse.Namespace, factory: Any) -> int:
         factory,
         DeviceStore(args.state, owner=True),
         confirm=args.confirm,
-        wifi_file=args.wifi,
+        wifi=wifi,
         cloud_url=args.cloud or os.environ.get("DOORSTEP_CLOUD_URL"),
         adapter=args.adapter,
         fw=args.fw,
@@ -148,10 +226,11 @@ async def _run(args: argparse.Namespace, factory: Any) -> int:
     loop.add_signal_handler(signal.SIGINT, runtime.stop)
     pidfile = args.state / PIDFILE
     pidfile.write_text(f"{os.getpid()}\n")
-    if isinstance(user, TerminalUser):
-        user.start()
     try:
-        await runtime.run()
+        task = asyncio.create_task(runtime.run())
+        if await wait_started(runtime, task) and isinstance(user, TerminalUser):
+            user.start()
+        await task
     finally:
         with contextlib.suppress(OSError):
             pidfile.unlink()
@@ -178,6 +257,10 @@ def cmd_reset(args: argparse.Namespace) -> int:
         os.kill(pid, signal.SIGUSR2)
         print("factory reset sent to the running device")
         return 0
+    if not args.state.exists():  # a mistyped path: never create a device there
+        return _fail(f"{args.state} does not exist")
+    if not args.state.is_dir():
+        return _fail(f"{args.state} is not a directory")
     try:
         store = DeviceStore(args.state)
         old = store.load()

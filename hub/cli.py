@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -49,22 +50,36 @@ def _fail(message: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from device.cli import bluetooth_problem, load_factory, load_wifi
+    from device.storage import StorageError
+    from device.wifi import WifiConfigError
     from protocol.errors import MessageError
-    from protocol.factory import FactoryRecord
 
     if args.max_parallel < 1:
         return _fail("--max-parallel must be at least 1")
+    if args.attempts < 1:
+        return _fail("--attempts must be at least 1")
     cloud_url = args.cloud or os.environ.get("DOORSTEP_CLOUD_URL")
     if not cloud_url:
         return _fail("no cloud URL: pass --cloud or set DOORSTEP_CLOUD_URL")
     try:
-        factory = FactoryRecord.loads(args.factory.read_text())
+        factory = load_factory(args.factory)
     except OSError as exc:
         return _fail(f"cannot read {args.factory}: {exc.strerror}")
     except MessageError as exc:
         return _fail(f"{args.factory}: {exc.message}")
     try:
-        return asyncio.run(_run(args, factory, cloud_url))
+        wifi = load_wifi(args.wifi)  # before the state directory is touched
+    except WifiConfigError as exc:
+        return _fail(str(exc))
+    try:
+        return asyncio.run(_run(args, factory, wifi, cloud_url))
+    except StorageError as exc:
+        return _fail(str(exc))
+    except Exception as exc:
+        if (problem := bluetooth_problem(exc)) is None:
+            raise
+        return _fail(problem)
     except KeyboardInterrupt:
         return 130
 
@@ -73,43 +88,67 @@ def _say(message: str) -> None:
     print(f"[hub] {message}", flush=True)
 
 
-async def _run(args: argparse.Namespace, factory: Any, cloud_url: str) -> int:
+async def _run(args: argparse.Namespace, factory: Any, wifi: Any, cloud_url: str) -> int:
     from device.storage import DeviceStore
 
     store = DeviceStore(args.state, owner=True)
     state = store.load()
     if state.active is None:
         _say("not onboarded yet: advertising as a device for the phone app")
-        if not await _device_phase(args, factory, store, cloud_url):
+        if not await _device_phase(args, factory, wifi, store, cloud_url):
             return 1
         state = store.load()
     assert state.active is not None and state.wifi is not None
+    await _check_bluetooth()
     _say(f"onboarded as {state.active.identifier.hex()[:8]}; accepting devices")
     return await _commissioner_phase(args, state, cloud_url)
 
 
-async def _device_phase(args: argparse.Namespace, factory: Any, store: Any, cloud_url: str) -> bool:
+async def _device_phase(
+    args: argparse.Namespace, factory: Any, wifi: Any, store: Any, cloud_url: str
+) -> bool:
     """First boot: the hub is a device (the same runtime as any device)."""
-    from device.cli import build_runtime
+    from device.cli import build_runtime, wait_started
     from device.user import TerminalUser
 
     runtime, user, checkin = build_runtime(
-        factory, store, confirm=args.confirm, wifi_file=args.wifi, cloud_url=cloud_url
+        factory, store, confirm=args.confirm, wifi=wifi, cloud_url=cloud_url
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, runtime.stop)
-    if isinstance(user, TerminalUser):
-        user.start()
-    task = asyncio.create_task(runtime.run())
-    done = asyncio.create_task(runtime.onboarded.wait())
-    await asyncio.wait({task, done}, return_when=asyncio.FIRST_COMPLETED)
-    runtime.stop()
-    await task
-    await checkin.close()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.remove_signal_handler(sig)
+    try:
+        task = asyncio.create_task(runtime.run())
+        if await wait_started(runtime, task) and isinstance(user, TerminalUser):
+            user.start()
+        done = asyncio.create_task(runtime.onboarded.wait())
+        await asyncio.wait({task, done}, return_when=asyncio.FIRST_COMPLETED)
+        runtime.stop()
+        await task
+    finally:
+        await checkin.close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
     return done.done()
+
+
+async def _check_bluetooth() -> None:
+    """A short scan, so that a hub without Bluetooth says so before its console opens.
+
+    Raises ``LinkError`` ``scan_failed`` (``bluetooth_problem`` words it).
+    """
+    from ble.bleak_central import BleakCentral
+    from ble.errors import LinkError
+
+    scan: Any = BleakCentral().scan(timeout=0.1)
+    try:
+        async with contextlib.aclosing(scan):
+            async for _sighting in scan:
+                break
+    except LinkError:
+        raise
+    except Exception as exc:  # no D-Bus system bus: bleak lets D-Bus's own errors through
+        raise LinkError(f"cannot scan: {exc}", code="scan_failed") from exc
 
 
 async def _commissioner_phase(args: argparse.Namespace, state: Any, cloud_url: str) -> int:

@@ -6,9 +6,11 @@
 pairs one device without a screen: one line per stage (stderr with
 ``--json``, else stdout), the §4 status as the exit code (0 ok), and with
 ``--json`` a summary object on stdout. Exit codes: 0–14 the DS1 status; 2 also
-for usage errors (bad arguments, unreadable passphrase file, no cloud
-configured); 20 for failures outside DS1 (cloud unreachable or refusing the
-token, no Bluetooth adapter); 130 when interrupted.
+for usage errors (bad arguments, unreadable passphrase file, a passphrase
+that does not fit ``--security``, no cloud configured); 20 for failures outside
+DS1 (cloud unreachable or refusing the token, no Bluetooth adapter), which
+``--json`` also reports on stdout in the summary's shape (``status`` null,
+``status_name`` the cause, ``exit_code`` 20); 130 when interrupted.
 
 Cloud settings: flags, then ``DOORSTEP_CLOUD_URL``/``DOORSTEP_TOKEN``, then
 the saved settings file (``phone.config``). The passphrase and the token are
@@ -21,12 +23,15 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
+from ble.errors import LinkError
 from phone.config import (
     ENV_CLOUD_URL,
     ENV_TOKEN,
@@ -37,10 +42,17 @@ from phone.config import (
     default_history_path,
     resolve_config,
 )
+from protocol.errors import DS1Error, UnsupportedSecurity, WifiParameterError
+from protocol.wifi import Security, validate_wifi
 
 EXIT_USAGE = 2
 EXIT_ENVIRONMENT = 20
 EXIT_INTERRUPTED = 130
+# The same words as `doorstep device run` and `doorstep hub run`.
+BLUETOOTH_HINT = (
+    "is bluetoothd running? for the simulator, start `doorstep sim` and export the "
+    "DBUS_SYSTEM_BUS_ADDRESS it prints"
+)
 
 
 class UsageError(Exception):
@@ -86,10 +98,11 @@ def add_parser(subparsers: Any) -> None:
     pair.add_argument(
         "--security",
         type=int,
-        default=1,
+        default=None,
         metavar="N",
-        help="0 open, 1 WPA2, 2 WPA3, 3 WPA2/WPA3; used when the device did not see the SSID "
-        "(default 1)",
+        help="0 open, 1 WPA2, 2 WPA3, 3 WPA2/WPA3: used when the device did not see the SSID "
+        "(default 1); given, the passphrase is checked against it before pairing (otherwise "
+        "against the security the device saw)",
     )
     pair.add_argument("--yes", action="store_true", help="accept the code without asking")
     pair.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
@@ -131,12 +144,59 @@ def read_passphrase(args: argparse.Namespace, env: dict[str, str] | None = None)
     return env[name]
 
 
-def cloud_config(args: argparse.Namespace) -> tuple[PhoneConfig, ConfigStore]:
-    store = ConfigStore(default_config_path())
+def check_cloud_url(url: str, what: str) -> None:
+    """Refuse a cloud URL that is not ``http(s)://host…`` (``what`` names where it came from)."""
     try:
-        config = resolve_config(store, getattr(args, "cloud", None), getattr(args, "token", None))
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        _ = parts.port  # ValueError when the port is not a number in 0..65535
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UsageError(
+            f"{what} must be an http:// or https:// URL with a host, e.g. https://cloud.example"
+        )
+
+
+def check_pair_options(args: argparse.Namespace) -> None:
+    """The numeric options of ``phone pair``, before anything is read or started."""
+    if args.security is not None and args.security not in {int(s) for s in Security}:
+        known = ", ".join(f"{int(s)} ({s.label})" for s in Security)
+        raise UsageError(f"--security must be one of {known}; got {args.security}")
+    if not (math.isfinite(args.scan_timeout) and args.scan_timeout > 0):
+        raise UsageError("--scan-timeout must be a number of seconds above 0")
+    if not (math.isfinite(args.wait_checkin) and args.wait_checkin >= 0):
+        raise UsageError("--wait-checkin must be a number of seconds, 0 or more")
+
+
+def check_passphrase(ssid: bytes, security: int, passphrase: str) -> None:
+    """The passphrase rule of §4 for ``--security`` (as the app's network screen checks it)."""
+    try:
+        validate_wifi(ssid, security, passphrase)
+    except (WifiParameterError, UnsupportedSecurity) as exc:
+        label = Security(security).label
+        raise UsageError(f"{exc} (--security {security}: {label})") from None
+    except UnicodeEncodeError:
+        raise UsageError("the passphrase is not UTF-8 text") from None
+
+
+def cloud_config(
+    args: argparse.Namespace, *, check_url: bool = False
+) -> tuple[PhoneConfig, ConfigStore]:
+    """The cloud settings; ``--cloud`` must be a URL, and with ``check_url`` any other source."""
+    store = ConfigStore(default_config_path())
+    flag = getattr(args, "cloud", None)
+    if flag:
+        check_cloud_url(flag, "--cloud")
+    try:
+        config = resolve_config(store, flag, getattr(args, "token", None))
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
+    if check_url and not flag and config.cloud_url:
+        source = (
+            f"${ENV_CLOUD_URL}" if os.environ.get(ENV_CLOUD_URL) else f"cloud_url in {store.path}"
+        )
+        check_cloud_url(config.cloud_url, source)
     return config, store
 
 
@@ -177,13 +237,19 @@ async def pair_main(
 
     progress = stderr if args.json else stdout
     try:
+        check_pair_options(args)
         passphrase = read_passphrase(args)
-        ssid = args.ssid.encode("utf-8")
+        try:
+            ssid = args.ssid.encode("utf-8")
+        except UnicodeEncodeError:
+            ssid = b""
         if not 1 <= len(ssid) <= 32:
             raise UsageError("--ssid must be 1–32 bytes of UTF-8")
+        if args.security is not None:  # else the device's scan says, and pair() checks
+            check_passphrase(ssid, args.security, passphrase)
         config = PhoneConfig()
         if cloud is None:
-            config, _store = cloud_config(args)
+            config, _store = cloud_config(args, check_url=True)
             if not config.complete:
                 raise UsageError(
                     f"no cloud configured: pass --cloud and --token (or set {ENV_CLOUD_URL} "
@@ -198,8 +264,7 @@ async def pair_main(
         if cloud is None:
             cloud = make_cloud(config)
     except Exception as exc:
-        print(f"doorstep phone pair: cannot start: {exc}", file=stderr)
-        return EXIT_ENVIRONMENT
+        return _environment_failure(args, stdout, stderr, "cannot_start", f"cannot start: {exc}")
     try:
         report = await pair(
             central,
@@ -209,14 +274,18 @@ async def pair_main(
             passphrase,
             yes=args.yes,
             out=progress,
-            security=args.security,
+            security=int(Security.WPA2_PSK) if args.security is None else args.security,
             scan_timeout=args.scan_timeout,
             wait_checkin_s=args.wait_checkin,
             ask=None if stdin is None else terminal_ask(progress, stdin),
         )
     except Exception as exc:  # outside DS1: the cloud unreachable, the token refused, no adapter
-        print(f"doorstep phone pair: {type(exc).__name__}: {exc}", file=stderr)
-        return EXIT_ENVIRONMENT
+        if (problem := bluetooth_problem(exc)) is not None:
+            return _environment_failure(
+                args, stdout, stderr, "bluetooth_unavailable", problem, BLUETOOTH_HINT
+            )
+        code = exc.code if isinstance(exc, DS1Error) else "error"
+        return _environment_failure(args, stdout, stderr, code, f"{type(exc).__name__}: {exc}")
     finally:
         closer = getattr(cloud, "aclose", None)
         if closer is not None:
@@ -235,6 +304,58 @@ async def pair_main(
     if args.json:
         print(json.dumps(summary(report, args.device), indent=2), file=stdout)
     return int(report.status)
+
+
+def bluetooth_problem(exc: BaseException) -> str | None:
+    """Why Bluetooth cannot be used, if ``exc`` says so (else None); ``BLUETOOTH_HINT`` follows.
+
+    ``pair`` raises ``LinkError`` ``scan_failed`` when the scan cannot start; its cause
+    is an ``OSError`` when there is no D-Bus system bus.
+    """
+    if not isinstance(exc, LinkError) or exc.code != "scan_failed":
+        return None
+    cause = exc.__cause__
+    # dbus-fast errors name the D-Bus error in ``type``, bleak's in ``dbus_error``
+    names = f"{getattr(cause, 'type', '')} {getattr(cause, 'dbus_error', '')} {cause}"
+    if isinstance(cause, OSError):
+        reason = "the D-Bus system bus is not reachable"
+    elif "ServiceUnknown" in names or "NameHasNoOwner" in names:
+        reason = "bluetoothd (org.bluez) is not on the D-Bus system bus"
+    elif type(cause).__name__ == "InvalidAddressError":
+        reason = "DBUS_SYSTEM_BUS_ADDRESS is not a D-Bus address"
+    else:
+        reason = " ".join(exc.message.removeprefix("cannot scan: ").split()) or exc.code
+    return f"no usable Bluetooth adapter: {reason}"
+
+
+def failure_summary(device: str, code: str, message: str, hint: str = "") -> dict[str, object]:
+    """The ``--json`` summary of a failure outside DS1: the shape of ``phone.pair.summary``.
+
+    There is no DS1 status: ``status`` is null, ``status_name`` the cause's stable code.
+    """
+    from phone.commissioner import OnboardingReport, Stage
+    from phone.pair import summary
+    from protocol.errors import Status
+
+    body = summary(OnboardingReport(Status.PROTOCOL_ERROR, Stage.CONNECT, message, hint), device)
+    body.update(status=None, status_name=code, exit_code=EXIT_ENVIRONMENT)
+    return body
+
+
+def _environment_failure(
+    args: argparse.Namespace,
+    stdout: TextIO,
+    stderr: TextIO,
+    code: str,
+    message: str,
+    hint: str = "",
+) -> int:
+    """Exit 20: one line on stderr, and with ``--json`` the failure's summary on stdout."""
+    print(f"doorstep phone pair: {message}{f' ({hint})' if hint else ''}", file=stderr)
+    if args.json:
+        body = failure_summary(args.device, code, message, hint)
+        print(json.dumps(body, indent=2), file=stdout)
+    return EXIT_ENVIRONMENT
 
 
 # ---- doorstep phone (the app) ------------------------------------------------------------------

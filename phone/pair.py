@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from ble.errors import LinkError
 from ble.profile import Sighting
 from ble.transport import Central
 from phone.commissioner import (
@@ -209,12 +210,19 @@ async def pair(
 ) -> OnboardingReport:
     """Find ``device`` and onboard it onto ``ssid``; never raises for a DS1 outcome.
 
-    Errors outside DS1 (the cloud unreachable or refusing the token) propagate.
+    Errors outside DS1 (the cloud unreachable or refusing the token) propagate, and
+    so does a scan that cannot start: ``LinkError`` ``scan_failed`` (no Bluetooth
+    adapter, no ``bluetoothd``, no D-Bus system bus), caused by what the stack raised.
     """
     ssid_bytes = ssid.encode("utf-8") if isinstance(ssid, str) else ssid
     out.write(f"Scanning for {device}…\n")
     out.flush()
-    sighting = await find_device(central, device, scan_timeout, clock=clock)
+    try:
+        sighting = await find_device(central, device, scan_timeout, clock=clock)
+    except LinkError:
+        raise
+    except Exception as exc:  # bleak lets D-Bus's own errors through (no system bus: OSError)
+        raise LinkError(f"cannot scan: {exc}", code="scan_failed") from exc
     if sighting is None:
         report = not_found_report(device, scan_timeout)
         out.write(f"{report.message}\n")

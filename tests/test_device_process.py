@@ -478,3 +478,23 @@ async def test_factory_reset_lets_another_user_bind_and_drops_the_first_binding(
         with pytest.raises(CloudError) as gone:
             await client.device(first.identifier)  # type: ignore[arg-type]
     assert (gone.value.status, gone.value.code) == (404, "unknown_device")
+
+
+# ---- 10. start-up errors a user sees -------------------------------------------------------
+
+
+async def test_an_adapter_that_does_not_exist_is_one_line(stack: Stack) -> None:
+    (handle,) = await stack.add_devices(1, start=False)
+    rc, _out, err = await doorstep(
+        stack, "device", "run", "--factory", str(handle.factory_file),
+        "--state", str(handle.state_dir), "--confirm", "accept", "--adapter", "hci7",
+    )  # fmt: skip
+    assert rc == 2
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("doorstep device: no usable Bluetooth adapter: ")
+    assert "hci7" in err
+    assert err.endswith(
+        "(is bluetoothd running? for the simulator, start `doorstep sim` and export the "
+        "DBUS_SYSTEM_BUS_ADDRESS it prints)\n"
+    )
+    assert not (handle.state_dir / "device.pid").exists()
