@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -44,6 +44,7 @@ from cloud.errors import (
     PayloadTooLarge,
     ServiceUnavailable,
     Unauthorized,
+    UnsupportedMediaType,
 )
 from cloud.keys import KeyEncryptionKey, load_kek
 from cloud.service import BindService, BindStartInput, Principal
@@ -130,6 +131,7 @@ _PROBLEM_TITLES: dict[int, str] = {
     409: "Conflict",
     410: "Gone (expired)",
     413: "Body too large",
+    415: "Body not application/json",
     422: "Invalid request",
     429: "Rate limited (Retry-After)",
     503: "Storage or entropy unavailable",
@@ -159,6 +161,26 @@ _SECURITY_SCHEMES: dict[str, Any] = {
 }
 _USER_OR_HUB: dict[str, Any] = {"security": [{"bearer": []}, {"ds1_hmac": []}]}
 _DEVICE: dict[str, Any] = {"security": [{"ds1_hmac": []}]}
+
+
+async def _credentials_sent(request: Request) -> None:
+    """Before the body is validated: a request without credentials learns nothing more."""
+    if not request.headers.get("authorization"):
+        raise Unauthorized("an Authorization header is required")
+
+
+async def _json_body(request: Request) -> None:
+    """A body sent as another media type is refused as such (it was a 422 about its fields)."""
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return  # read as JSON, as before
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaType(f"send the body as application/json, not {media_type[:60]}")
+
+
+_AUTHENTICATED = [Depends(_credentials_sent)]
+_AUTHENTICATED_JSON = [Depends(_credentials_sent), Depends(_json_body)]
 
 
 def _with_problem_schema(app: FastAPI) -> Callable[[], dict[str, Any]]:
@@ -615,7 +637,8 @@ def create_app(
         "/v1/bind/start",
         status_code=201,
         response_model=BindStartAnswer,
-        responses=_problems(400, 401, 403, 413, 422, 429, 503),
+        responses=_problems(400, 401, 403, 413, 415, 422, 429, 503),
+        dependencies=_AUTHENTICATED_JSON,
         openapi_extra=_USER_OR_HUB,
         tags=["bind"],
         summary="§6.1 answer a device challenge (user bearer token or hub signature)",
@@ -632,7 +655,8 @@ def create_app(
     @app.post(
         "/v1/bind/complete",
         response_model=BindCompleteAnswer,
-        responses=_problems(400, 401, 403, 404, 409, 410, 413, 422, 503),
+        responses=_problems(400, 401, 403, 404, 409, 410, 413, 415, 422, 503),
+        dependencies=_AUTHENTICATED_JSON,
         openapi_extra=_USER_OR_HUB,
         tags=["bind"],
         summary="§6.2 complete an attempt with the device's Ack",
@@ -644,7 +668,8 @@ def create_app(
     @app.post(
         "/v1/devices/checkin",
         response_model=BindCompleteAnswer,
-        responses=_problems(400, 401, 403, 409, 410, 413, 422, 503),
+        responses=_problems(400, 401, 403, 409, 410, 413, 415, 422, 503),
+        dependencies=_AUTHENTICATED_JSON,
         openapi_extra=_DEVICE,
         tags=["devices"],
         summary="§6.4 device check-in, signed (§6.3) with the pending K_dev",
@@ -663,6 +688,7 @@ def create_app(
         "/v1/devices",
         response_model=list[DeviceView],
         responses=_problems(401, 403, 503),
+        dependencies=_AUTHENTICATED,
         openapi_extra=_USER_OR_HUB,
         tags=["devices"],
         summary="§6.5 the caller's devices",
@@ -674,6 +700,7 @@ def create_app(
         "/v1/devices/{identifier}",
         response_model=DeviceView,
         responses=_problems(400, 401, 403, 404, 422, 503),
+        dependencies=_AUTHENTICATED,
         openapi_extra=_USER_OR_HUB,
         tags=["devices"],
         summary="§6.5 one of the caller's devices",
@@ -685,6 +712,7 @@ def create_app(
         "/v1/devices/{identifier}",
         status_code=204,
         responses=_problems(400, 401, 403, 404, 422, 503),
+        dependencies=_AUTHENTICATED,
         openapi_extra=_USER_OR_HUB,
         tags=["devices"],
         summary="§6.5 unbind: the owner releases the device; its identities are retired",

@@ -121,6 +121,12 @@ class MethodNotAllowed(CloudProblem):
     title = "Method not allowed"
 
 
+class UnsupportedMediaType(CloudProblem):
+    status = 415
+    code = "unsupported_media_type"
+    title = "Unsupported media type"
+
+
 class AttemptSuperseded(CloudProblem):
     status = 409
     code = "attempt_superseded"

@@ -671,6 +671,22 @@ async def test_the_openapi_schema_documents_credentials_and_problem_answers(clou
     assert 429 not in {int(s) for s in by_path[("/v1/devices", "get")]["responses"]}
 
 
+async def test_credentials_come_before_the_body_and_the_body_must_be_json(cloud: Cloud) -> None:
+    """No credentials: 401, whatever the body (not 422 naming its fields); a body sent as
+    another media type: 415, not a complaint about its fields."""
+    _device, token = await registered_device(cloud.registry, cloud.kek)
+    for path in ("/v1/bind/start", "/v1/bind/complete", "/v1/devices/checkin"):
+        refused = await cloud.client.post(path, json={})
+        problem(refused, 401, "unauthorized")
+        assert "m1" not in refused.text and "ack" not in refused.text
+        other = await cloud.client.post(
+            path, content=b"m1=x", headers=bearer(token) | {"content-type": "text/plain"}
+        )
+        body = problem(other, 415, "unsupported_media_type")
+        assert body["detail"] == "send the body as application/json, not text/plain"
+    problem(await cloud.client.get("/v1/devices/" + "ab" * 16), 401, "unauthorized")
+
+
 async def test_the_bearer_scheme_is_case_insensitive(cloud: Cloud) -> None:
     """RFC 9110 §11.1: ``bearer`` and ``BEARER`` are ``Bearer``; another scheme is refused."""
     device, token = await registered_device(cloud.registry, cloud.kek)
