@@ -32,6 +32,7 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloud.errors import (
@@ -48,7 +49,7 @@ from cloud.errors import (
 )
 from cloud.keys import KeyEncryptionKey, load_kek
 from cloud.service import BindService, BindStartInput, Principal
-from cloud.settings import ENV_DB, EntropySourceLike, Settings, default_database_url
+from cloud.settings import ENV_DB, LOG_LEVELS, EntropySourceLike, Settings, default_database_url
 from cloud.store.registry import Registry, RegistryTransaction, open_registry
 
 log = logging.getLogger("doorstep.cloud")
@@ -231,16 +232,21 @@ async def _on_validation(_request: Request, exc: Exception) -> Response:
     return problem_response(InvalidRequest("; ".join(parts) or "invalid request"))
 
 
-async def _on_http(_request: Request, exc: Exception) -> Response:
+async def _on_http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     problem: CloudProblem
     if exc.status_code == 404:
         problem = NotFound("no such resource", code="not_found")
     elif exc.status_code == 405:
         problem = MethodNotAllowed("method not allowed on this resource")
-        allow = (exc.headers or {}).get("Allow")
-        if allow:  # RFC 9110 §15.5.6: a 405 names the methods the resource has
-            problem.headers = {**problem.headers, "Allow": allow}
+        # RFC 9110 §15.5.6: a 405 names the methods the resource has, from every
+        # route on its path (Starlette names only the first route's).
+        allowed: set[str] = set()
+        for route in request.app.router.routes:
+            if route.matches(request.scope)[0] is not Match.NONE:
+                allowed |= getattr(route, "methods", None) or set()
+        if allowed:
+            problem.headers = {**problem.headers, "Allow": ", ".join(sorted(allowed))}
     elif exc.status_code == 400:
         problem = BadRequest("the body could not be read", code="malformed_body")
     else:
@@ -824,9 +830,12 @@ def configure_logging(level: str) -> None:
         handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(levelname)s:  %(name)s: %(message)s"))
         logger.addHandler(handler)
-    wanted = logging.getLevelName(level.upper())
-    if isinstance(wanted, int) and wanted < logger.getEffectiveLevel():
-        logger.setLevel(wanted)
+    if level.lower() not in LOG_LEVELS:
+        raise ConfigurationError(
+            f"{ENV_LOG_LEVEL} must be one of {', '.join(LOG_LEVELS)}", code="bad_settings"
+        )
+    if level.lower() != "warning":  # warning: logging's own default, left as it is
+        logger.setLevel(level.upper())
 
 
 def freeze_startup_heap() -> None:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -25,7 +26,7 @@ from typing import Any, TypeVar
 from cloud.errors import ConfigurationError
 from cloud.keys import ENV_KEK_FILE, PURPOSE_K_INIT, KeyEncryptionKey, load_kek, write_new_kek
 from cloud.service import BindService, hash_token
-from cloud.settings import ENV_DB, default_database_url
+from cloud.settings import ENV_DB, LOG_LEVELS, default_database_url
 from cloud.store.database import sqlite_path
 from cloud.store.registry import DeviceRecord, Registry, RegistryTransaction, open_registry
 from protocol.encoding import b64url_encode
@@ -73,7 +74,7 @@ def add_parser(subparsers: Any) -> None:
     serve.add_argument(
         "--log-level",
         default="warning",
-        choices=("critical", "error", "warning", "info", "debug"),
+        choices=LOG_LEVELS,
         help="what the server logs (default warning)",
     )
     serve.set_defaults(func=cmd_serve)
@@ -200,12 +201,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _check_database(url: str) -> None:
-    """Open and close the database: a bad URL or file is a one-line error before serving.
+    """Open, migrate (as the app does when it starts) and close the database: a bad URL,
+    file or schema is a one-line error before serving.
 
     With several workers each would otherwise fail on its own, after
     "serving on …", with a traceback.
     """
-    registry = await open_registry(url, migrate=False)
+    registry = await open_registry(url)
     await registry.close()
 
 
@@ -329,6 +331,11 @@ def cmd_factory_new(args: argparse.Namespace) -> int:
         done += count
 
     async def run() -> None:
+        # Every Ctrl-C (also a second one) only cancels this task, at an await: a
+        # batch's commit is then waited for, never abandoned (_write_and_register).
+        main = asyncio.current_task()
+        assert main is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, main.cancel)
         registry = await open_registry(_db(args))  # a bad --db fails before --out is made
         started = time.monotonic()
         try:
@@ -356,7 +363,7 @@ def cmd_factory_new(args: argparse.Namespace) -> int:
 
     try:
         _run(run)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print(file=sys.stderr)
         return _fail(
             f"interrupted after {done} of {args.count} devices: each one registered has "
@@ -377,11 +384,10 @@ async def _write_and_register(
     """Each record's file appears in ``out`` once its device is registered, and only then.
 
     The files are written under temporary names and renamed after the batch
-    commits. Stopped before the commit (Ctrl-C, a database error), no file and
-    no device of the batch is left; stopped after it, the renames still finish.
+    commits. Ctrl-C (however often) waits for the commit, then publishes the
+    files; if the commit fails, neither the devices nor the files are left.
     """
     staged: list[tuple[Path, Path]] = []
-    registering: asyncio.Future[None] | None = None
     try:
         for record in batch:
             name = f"{record.dev_id.hex()}.json"
@@ -390,28 +396,31 @@ async def _write_and_register(
             staged.append((partial, out / name))
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(record.dumps())
-        registering = asyncio.ensure_future(register_factory_records(registry, kek, batch))
-        await asyncio.shield(registering)
     except BaseException:
-        if registering is not None:
-            # Ctrl-C cancels this task, not the transaction: see how that ended.
-            with contextlib.suppress(BaseException):
-                await registering
-        committed = (
-            registering is not None
-            and registering.done()
-            and not registering.cancelled()
-            and registering.exception() is None
-        )
-        if committed:
-            registered(len(batch))
-            _publish(staged)
-        else:
-            for partial, _ in staged:
-                partial.unlink(missing_ok=True)
+        _discard(staged)
         raise
+    registering = asyncio.ensure_future(register_factory_records(registry, kek, batch))
+    stopped = False
+    while not registering.done():
+        try:
+            await asyncio.wait({registering})
+        except asyncio.CancelledError:
+            stopped = True  # Ctrl-C: the transaction ends on its own; its outcome decides
+    # (Nothing else cancels ``registering``; if something did, exception() raises
+    # CancelledError and the .partial files stay: whether it committed is unknown.)
+    failure = registering.exception()
+    if failure is not None:  # not committed: neither the devices nor their files exist
+        _discard(staged)
+        raise failure
     registered(len(batch))
     _publish(staged)
+    if stopped:
+        raise asyncio.CancelledError
+
+
+def _discard(staged: list[tuple[Path, Path]]) -> None:
+    for partial, _ in staged:
+        partial.unlink(missing_ok=True)
 
 
 def _publish(staged: list[tuple[Path, Path]]) -> None:
@@ -465,6 +474,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
         if path != ":memory:" and not Path(path).is_file():
             # A listing creates nothing: a mistyped path is not a new, empty cloud.
             return _fail(f"no database at {path} (create it with `doorstep cloud migrate`)")
+        if path != ":memory:" and (problem := _not_a_current_cloud(Path(path))):
+            return _fail(problem)
 
     async def run() -> tuple[list[dict[str, Any]], int] | None:
         registry = await open_registry(url, migrate=False)
@@ -508,6 +519,33 @@ def cmd_devices(args: argparse.Namespace) -> int:
     if total > len(rows):
         print(f"… {total - len(rows)} more (use --limit)")
     return 0
+
+
+def _not_a_current_cloud(path: Path) -> str | None:
+    """Why the SQLite file at ``path`` is no cloud database of this version, read-only."""
+    import sqlite3
+
+    from cloud.store.schema import LATEST_VERSION
+
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        ) as db:
+            if not db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+            ).fetchone():
+                return f"{path} is not a Doorstep cloud database (no schema_version table)"
+            (version,) = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    except sqlite3.Error as exc:
+        return f"cannot use {path} as the cloud's SQLite database: {exc} [database_unavailable]"
+    if version is None or version < LATEST_VERSION:
+        return f"{path} has schema version {version or 0}: run `doorstep cloud migrate` first"
+    if version > LATEST_VERSION:
+        return (
+            f"{path} has schema version {version}, newer than this doorstep's "
+            f"({LATEST_VERSION}): use a newer doorstep"
+        )
+    return None
 
 
 def _cell(column: str, value: Any) -> str:

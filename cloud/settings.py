@@ -29,6 +29,10 @@ def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
     return Path(base) / "doorstep"
 
 
+#: ``doorstep cloud serve --log-level`` (and ``DOORSTEP_CLOUD_LOG_LEVEL`` for its workers)
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
 def default_database_url(env: Mapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     url = env.get(ENV_DB)

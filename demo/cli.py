@@ -253,22 +253,23 @@ async def _interactive(stack: Any) -> int:
         # However the demo ends (the app quit, a process died, SIGTERM, Ctrl-C),
         # the app does not outlive it.
         watcher.cancel()
-        if app.returncode is None:
-            app.terminate()
-            try:
-                await asyncio.wait_for(asyncio.shield(waiter), 5)
-            except TimeoutError:
-                app.kill()
-                await waiter
-            except asyncio.CancelledError:  # a second stop request meanwhile
-                app.kill()
-                await asyncio.shield(waiter)
+        try:
+            if app.returncode is None:
+                app.terminate()
+                try:
+                    await asyncio.wait_for(asyncio.shield(waiter), 5)
+                except TimeoutError:
+                    app.kill()
+                    await waiter
+                except asyncio.CancelledError:  # a second stop request meanwhile
+                    app.kill()
+                    await asyncio.shield(waiter)
+                    raise
+        finally:
+            if app.returncode != 0:
+                # Killed (by us or anyone) or crashed: it may have left the terminal in
+                # its screen mode, with no echo, the cursor hidden and mouse reports on.
                 _restore_terminal(terminal)
-                raise
-        if app.returncode != 0:
-            # Killed (by us or anyone) or crashed: it may have left the terminal
-            # in its screen mode, with no echo, the cursor hidden and mouse reports on.
-            _restore_terminal(terminal)
     if app.returncode != 0:
         print(f"doorstep demo: the phone app ended with status {app.returncode}", file=sys.stderr)
         return 1

@@ -364,6 +364,9 @@ async def test_malformed_requests_get_exact_codes(cloud: Cloud) -> None:
     refused = await cloud.client.put("/v1/bind/start", json=good)
     problem(refused, 405, "method_not_allowed")
     assert refused.headers["allow"] == "POST"
+    both = await cloud.client.put("/v1/devices/" + "ab" * 16, headers=bearer(token))
+    problem(both, 405, "method_not_allowed")
+    assert both.headers["allow"] == "DELETE, GET"  # two routes share this path
     problem(await cloud.client.get("/v1/devices/XYZ", headers=bearer(token)), 400, "bad_hex")
     problem(await cloud.client.get(f"/v1/devices/{os.urandom(16).hex()}", headers=bearer(token)), 404, "unknown_device")
 
@@ -672,8 +675,8 @@ async def test_the_openapi_schema_documents_credentials_and_problem_answers(clou
 
 
 async def test_credentials_come_before_the_body_and_the_body_must_be_json(cloud: Cloud) -> None:
-    """No credentials: 401, whatever the body (not 422 naming its fields); a body sent as
-    another media type: 415, not a complaint about its fields."""
+    """No credentials: 401, whatever fields the JSON body has (not 422 naming the expected
+    ones); a body sent as another media type: 415, not a complaint about its fields."""
     _device, token = await registered_device(cloud.registry, cloud.kek)
     for path in ("/v1/bind/start", "/v1/bind/complete", "/v1/devices/checkin"):
         refused = await cloud.client.post(path, json={})
@@ -801,3 +804,25 @@ def test_serve_words_a_bad_setting_and_exits(
     assert main(["cloud", "serve", "--port", "0", "--workers", workers]) == 1
     error = capsys.readouterr().err
     assert message in error and "[bad_settings]" in error and "Traceback" not in error
+
+
+def test_the_log_level_reaches_the_clouds_own_messages() -> None:
+    """``--log-level error`` hides the cloud's warnings, ``info`` shows its information
+    (it showed only warnings, whatever the level); a level it does not know is refused."""
+    from cloud.app import _Stderr, configure_logging
+    from cloud.errors import ConfigurationError
+
+    logger = logging.getLogger("doorstep")
+    saved = logger.level, list(logger.handlers)
+    try:
+        configure_logging("error")
+        assert not logger.isEnabledFor(logging.WARNING)
+        configure_logging("info")
+        assert logger.isEnabledFor(logging.INFO) and not logger.isEnabledFor(logging.DEBUG)
+        assert sum(isinstance(h, _Stderr) for h in logger.handlers) == 1  # not one per call
+        with pytest.raises(ConfigurationError) as info:
+            configure_logging("loud")
+        assert info.value.code == "bad_settings"
+    finally:
+        logger.setLevel(saved[0])
+        logger.handlers[:] = saved[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -61,6 +62,27 @@ def test_a_file_that_is_no_database_is_one_line_and_the_command_ends(tmp_path: P
     assert not_db.read_text() == "my notes\n"
 
 
+def test_a_sqlite_file_of_another_application_is_left_as_it_was(tmp_path: Path) -> None:
+    """Its tables clash with ours: one line and the command ends (it hung after a traceback);
+    a listing does not even open it for writing."""
+    other = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(other)) as conn:
+        conn.execute("CREATE TABLE users (name TEXT)")
+        conn.commit()
+    listed = _run("cloud", "devices", "--db", f"sqlite:///{other}", timeout=30)
+    assert listed.returncode == 1
+    _one_line_error(listed.stderr, "is not a Doorstep cloud database")
+    with contextlib.closing(sqlite3.connect(other)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("users",)]
+    for command in (["user", "add", "ann"], ["migrate"]):
+        done = _run("cloud", *command, "--db", f"sqlite:///{other}", timeout=30)
+        assert done.returncode == 1
+        _one_line_error(
+            done.stderr, "cannot bring the database's schema up to date", "[database_unavailable]"
+        )
+
+
 def test_a_database_that_cannot_be_made_is_one_line(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -112,12 +134,16 @@ def test_serve_refuses_a_file_that_is_no_database(
 
 
 def test_factory_new_stopped_by_ctrl_c_keeps_files_and_devices_alike(tmp_path: Path) -> None:
-    """Every registered device has its record file, and no file is for an unknown device."""
+    """Every registered device has its record file, and no file is for an unknown device,
+    also when Ctrl-C comes again while a batch commits."""
     db, out = tmp_path / "cloud.db", tmp_path / "records"
     assert _run("cloud", "migrate", "--db", f"sqlite:///{db}").returncode == 0
     command = ["cloud", "factory", "new", "--count", "200000", "--out", str(out)]
     proc = subprocess.Popen(
-        [*DOORSTEP, *command, "--db", f"sqlite:///{db}"], stderr=subprocess.PIPE
+        [*DOORSTEP, *command, "--db", f"sqlite:///{db}"],
+        stderr=subprocess.PIPE,
+        # Ctrl-C reaches it even if this test runs where SIGINT is ignored (`cmd &`).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stderr is not None
     seen = b""
@@ -125,7 +151,9 @@ def test_factory_new_stopped_by_ctrl_c_keeps_files_and_devices_alike(tmp_path: P
     while b"devices registered" not in seen:  # the first batch is in: Ctrl-C now
         assert time.monotonic() < deadline and proc.poll() is None, seen
         seen += proc.stderr.read1(4096)
-    proc.send_signal(signal.SIGINT)
+    for _ in range(3):  # an impatient user: more Ctrl-C while the batch commits
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
     rest = proc.communicate(timeout=60)[1]
     err = (seen + rest).decode()
     assert proc.returncode == 130, err

@@ -485,10 +485,11 @@ async def test_version_6_indexes_owned_devices_only_and_owner_lists_stay_whole(
             assert [d.dev_id for d in listed] == [r.dev_id for r in owned]
 
         if backend == "sqlite":
-            sql = "SELECT sql FROM sqlite_master WHERE name = 'devices_owner'"
+            sql = "SELECT name, sql FROM sqlite_master WHERE name LIKE 'devices_own%'"
         else:
-            sql = "SELECT indexdef FROM pg_indexes WHERE indexname = 'devices_owner'"
-        (definition,) = await registry.run(lambda tx: tx._tx.fetchrow(sql))
+            sql = "SELECT indexname, indexdef FROM pg_indexes WHERE indexname LIKE 'devices_own%'"
+        ((name, definition),) = await registry.run(lambda tx: tx._tx.fetch(sql))
+        assert name == "devices_owned"  # the old devices_owner is gone
         assert "WHERE" in definition and "owner_id IS NOT NULL" in definition
         if backend == "sqlite":
             plan = await registry.run(
@@ -498,7 +499,7 @@ async def test_version_6_indexes_owned_devices_only_and_owner_lists_stay_whole(
                     1,
                 )
             )
-            assert any("USING INDEX devices_owner" in row[3] for row in plan)
+            assert any("USING INDEX devices_owned" in row[3] for row in plan)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from cloud.errors import ConfigurationError
 from cloud.store.database import Database, Row, Transaction, open_database
 from cloud.store.schema import LATEST_VERSION, MIGRATIONS
 
@@ -537,7 +538,15 @@ class Registry:
                 applied.append(version)
             return applied
 
-        return await self.database.run(body, heavy=True)
+        try:
+            return await self.database.run(body, heavy=True)
+        except (ConfigurationError, ConnectionError):
+            raise
+        except Exception as exc:  # nothing was applied (one transaction): say why in one line
+            raise ConfigurationError(
+                f"cannot bring the database's schema up to date: {type(exc).__name__}: {exc}",
+                code="database_unavailable",
+            ) from exc
 
     async def is_current(self) -> bool:
         return await self.schema_version() == LATEST_VERSION
@@ -558,7 +567,17 @@ async def _ensure_version_table(tx: Transaction, dialect: str) -> None:
 
 
 async def open_registry(url: str, *, migrate: bool = True) -> Registry:
+    """The registry at ``url``, its schema brought up to date unless ``migrate`` is False.
+
+    A schema that cannot be brought up to date (a database that holds other
+    tables of the same names, say) is a :class:`ConfigurationError`
+    (``database_unavailable``), with the database closed again.
+    """
     registry = Registry(await open_database(url))
     if migrate:
-        await registry.migrate()
+        try:
+            await registry.migrate()
+        except BaseException:
+            await registry.close()  # an open connection's thread would keep the process alive
+            raise
     return registry

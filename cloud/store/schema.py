@@ -186,10 +186,12 @@ ALTER TABLE devices ADD COLUMN retired_below {bigint}
 # bulk registration paid for on every row (~20 % of its insert time in
 # ``bench/registry.py``); the only query that reads it (``owner_id = $1``)
 # never looks for NULL, and both SQLite and PostgreSQL use a partial index for
-# it. Queries are unchanged, so servers of version 5 run on it as before.
+# it. Queries are unchanged, so servers of version 5 run on it as before. The new
+# index is built before the old one is dropped: on PostgreSQL, DROP INDEX locks the
+# table against readers until the migration commits, so it comes last.
 _V6: Final = """
-DROP INDEX devices_owner;
-CREATE INDEX devices_owner ON devices(owner_id) WHERE owner_id IS NOT NULL
+CREATE INDEX devices_owned ON devices(owner_id) WHERE owner_id IS NOT NULL;
+DROP INDEX devices_owner
 """
 
 
