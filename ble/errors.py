@@ -43,3 +43,33 @@ class LinkTimeout(LinkError):
 class DeviceBusy(LinkError):
     status = Status.BUSY
     code = "busy"
+
+
+# How a user reaches a Bluetooth stack: the real bluetoothd, or the simulator.
+BLUETOOTH_HINT = (
+    "is bluetoothd running? for the simulator, start `doorstep sim` and export the "
+    "DBUS_SYSTEM_BUS_ADDRESS it prints"
+)
+
+
+def unusable_bluetooth(exc: BaseException) -> str | None:
+    """The line "no usable Bluetooth adapter: <why>" if ``exc`` says so, else None.
+
+    A peripheral reports it as ``LinkError`` ``adapter_unavailable``, a central's scan
+    as ``scan_failed``; the cause is an ``OSError`` when there is no D-Bus system bus.
+    """
+    if not isinstance(exc, LinkError) or exc.code not in ("adapter_unavailable", "scan_failed"):
+        return None
+    cause = exc.__cause__
+    # dbus-fast errors name the D-Bus error in ``type``, bleak's in ``dbus_error``
+    names = f"{getattr(cause, 'type', '')} {getattr(cause, 'dbus_error', '')} {cause}"
+    if isinstance(cause, OSError):
+        reason = "the D-Bus system bus is not reachable"
+    elif "ServiceUnknown" in names or "NameHasNoOwner" in names:
+        reason = "bluetoothd (org.bluez) is not on the D-Bus system bus"
+    elif type(cause).__name__ == "InvalidAddressError":
+        reason = "DBUS_SYSTEM_BUS_ADDRESS is not a D-Bus address"
+    else:
+        text = str(cause) if cause is not None else exc.message.removeprefix("cannot scan: ")
+        reason = " ".join(text.split()) or exc.code
+    return f"no usable Bluetooth adapter: {reason}"

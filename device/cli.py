@@ -21,10 +21,6 @@ PIDFILE = "device.pid"
 # M2's ``fw`` is a text string of at most 16 bytes (protocol.messages.Challenge, PROTOCOL.md §4):
 # a longer one makes every commissioner refuse the device at the first message.
 FW_MAX_BYTES = 16
-BLUETOOTH_HINT = (
-    "is bluetoothd running? for the simulator, start `doorstep sim` and export the "
-    "DBUS_SYSTEM_BUS_ADDRESS it prints"
-)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -90,27 +86,11 @@ def load_wifi(path: Path | None) -> WifiEnvironment:
 
 
 def bluetooth_problem(exc: BaseException) -> str | None:
-    """One line on why Bluetooth cannot be used, if ``exc`` says so (else None).
+    """One line on why Bluetooth cannot be used, with what to do, if ``exc`` says so."""
+    from ble.errors import BLUETOOTH_HINT, unusable_bluetooth
 
-    ``BlessPeripheral`` reports it as ``LinkError`` ``adapter_unavailable``, a central's
-    scan as ``scan_failed``; the cause is an ``OSError`` when there is no D-Bus system bus.
-    """
-    from ble.errors import LinkError
-
-    if not isinstance(exc, LinkError) or exc.code not in ("adapter_unavailable", "scan_failed"):
-        return None
-    cause = exc.__cause__
-    # dbus-next/dbus-fast errors name the D-Bus error in ``type``, bleak's in ``dbus_error``
-    names = f"{getattr(cause, 'type', '')} {getattr(cause, 'dbus_error', '')} {cause}"
-    if isinstance(cause, OSError):
-        reason = "the D-Bus system bus is not reachable"
-    elif "ServiceUnknown" in names or "NameHasNoOwner" in names:
-        reason = "bluetoothd (org.bluez) is not on the D-Bus system bus"
-    elif type(cause).__name__ == "InvalidAddressError":
-        reason = "DBUS_SYSTEM_BUS_ADDRESS is not a D-Bus address"
-    else:
-        reason = " ".join(str(cause or exc.message).split()) or exc.code
-    return f"no usable Bluetooth adapter: {reason} ({BLUETOOTH_HINT})"
+    problem = unusable_bluetooth(exc)
+    return None if problem is None else f"{problem} ({BLUETOOTH_HINT})"
 
 
 async def wait_started(runtime: Any, task: asyncio.Task[None]) -> bool:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-from ble.errors import LinkError
+from ble.errors import BLUETOOTH_HINT, unusable_bluetooth
 from phone.config import (
     ENV_CLOUD_URL,
     ENV_TOKEN,
@@ -48,11 +48,6 @@ from protocol.wifi import Security, validate_wifi
 EXIT_USAGE = 2
 EXIT_ENVIRONMENT = 20
 EXIT_INTERRUPTED = 130
-# The same words as `doorstep device run` and `doorstep hub run`.
-BLUETOOTH_HINT = (
-    "is bluetoothd running? for the simulator, start `doorstep sim` and export the "
-    "DBUS_SYSTEM_BUS_ADDRESS it prints"
-)
 
 
 class UsageError(Exception):
@@ -280,7 +275,7 @@ async def pair_main(
             ask=None if stdin is None else terminal_ask(progress, stdin),
         )
     except Exception as exc:  # outside DS1: the cloud unreachable, the token refused, no adapter
-        if (problem := bluetooth_problem(exc)) is not None:
+        if (problem := unusable_bluetooth(exc)) is not None:
             return _environment_failure(
                 args, stdout, stderr, "bluetooth_unavailable", problem, BLUETOOTH_HINT
             )
@@ -304,28 +299,6 @@ async def pair_main(
     if args.json:
         print(json.dumps(summary(report, args.device), indent=2), file=stdout)
     return int(report.status)
-
-
-def bluetooth_problem(exc: BaseException) -> str | None:
-    """Why Bluetooth cannot be used, if ``exc`` says so (else None); ``BLUETOOTH_HINT`` follows.
-
-    ``pair`` raises ``LinkError`` ``scan_failed`` when the scan cannot start; its cause
-    is an ``OSError`` when there is no D-Bus system bus.
-    """
-    if not isinstance(exc, LinkError) or exc.code != "scan_failed":
-        return None
-    cause = exc.__cause__
-    # dbus-fast errors name the D-Bus error in ``type``, bleak's in ``dbus_error``
-    names = f"{getattr(cause, 'type', '')} {getattr(cause, 'dbus_error', '')} {cause}"
-    if isinstance(cause, OSError):
-        reason = "the D-Bus system bus is not reachable"
-    elif "ServiceUnknown" in names or "NameHasNoOwner" in names:
-        reason = "bluetoothd (org.bluez) is not on the D-Bus system bus"
-    elif type(cause).__name__ == "InvalidAddressError":
-        reason = "DBUS_SYSTEM_BUS_ADDRESS is not a D-Bus address"
-    else:
-        reason = " ".join(exc.message.removeprefix("cannot scan: ").split()) or exc.code
-    return f"no usable Bluetooth adapter: {reason}"
 
 
 def failure_summary(device: str, code: str, message: str, hint: str = "") -> dict[str, object]:
