@@ -66,6 +66,12 @@ def _fail(message: str) -> int:
     return 2
 
 
+NO_TERMINAL = (
+    "no terminal to answer pairing requests on (stdin is not one): "
+    "pass --confirm accept or --confirm reject"
+)
+
+
 def load_factory(path: Path) -> FactoryRecord:
     """The factory record at ``path``; ``OSError`` if unreadable, ``MessageError`` if not one."""
     from protocol.errors import MessageError
@@ -137,8 +143,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         wifi = load_wifi(args.wifi)  # before the state directory is touched
     except WifiConfigError as exc:
         return _fail(str(exc))
+    if args.confirm == "prompt" and not sys.stdin.isatty():
+        # Nobody could answer: every pairing would wait out its 60 s and fail as "rejected".
+        return _fail(NO_TERMINAL)
     if (pid := _running_pid(args.state)) is not None:
         return _fail(f"a device is already running on {args.state} (pid {pid})")
+    if not (args.cloud or os.environ.get("DOORSTEP_CLOUD_URL")):
+        print(
+            "doorstep device: warning: no cloud URL (--cloud or DOORSTEP_CLOUD_URL): this "
+            "device will not check in, so its pairings stay pending in the cloud",
+            file=sys.stderr,
+        )
     try:
         return asyncio.run(_run(args, factory, wifi))
     except (StorageError, WifiConfigError) as exc:

@@ -72,6 +72,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         wifi = load_wifi(args.wifi)  # before the state directory is touched
     except WifiConfigError as exc:
         return _fail(str(exc))
+    if args.confirm == "prompt" and not sys.stdin.isatty():
+        return _fail(
+            "no terminal for the operator console (stdin is not one): "
+            "pass --confirm accept or --confirm reject"
+        )
     try:
         return asyncio.run(_run(args, factory, wifi, cloud_url))
     except StorageError as exc:

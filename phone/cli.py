@@ -291,6 +291,8 @@ async def pair_main(
         print(
             f"Onboarded {who}: identifier {report.short_id}, {report.total_s:.1f} s", file=progress
         )
+        if args.wait_checkin > 0 and not report.checked_in:
+            print(f"{report.message} {report.hint}", file=progress)
     else:
         line = f"Failed ({int(report.status)} {report.status.name.lower()}): {report.message}"
         if report.hint:

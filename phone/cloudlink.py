@@ -29,14 +29,18 @@ class CloudRefused(DS1Error):
     of the device) would mislead.
     """
 
-    def __init__(self, status: Status, code: str, message: str, hint: str = "") -> None:
+    def __init__(
+        self, status: Status, code: str, message: str, hint: str = "", *, transient: bool = False
+    ) -> None:
         super().__init__(message, code=code)
         self.status = status
         self.hint = hint
+        #: the cloud could not be reached or failed itself: the same request may succeed later
+        self.transient = transient
 
 
 _CLOUD_HINTS: dict[str, str] = {
-    "unauthorized": "Check the token in Settings.",
+    "unauthorized": "Check the token: Settings in the app, --token or DOORSTEP_TOKEN for a script.",
     "rate_limited": "Wait a moment, then try again.",
 }
 
@@ -51,7 +55,7 @@ _MESSAGES: dict[str, tuple[Status, str]] = {
     "rate_limited": (Status.BUSY, "Too many attempts; wait a moment and try again."),
     "unauthorized": (
         Status.AUTHENTICATION_FAILED,
-        "The cloud did not accept your token; check it in Settings.",
+        "The cloud did not accept your token.",
     ),
     "bad_signature": (Status.AUTHENTICATION_FAILED, "The cloud refused this hub's signature."),
     "clock_skew": (Status.AUTHENTICATION_FAILED, "This hub's clock is off by more than 5 minutes."),
@@ -70,13 +74,16 @@ def _translate(exc: CloudError) -> DS1Error:
             exc.code,
             f"The cloud could not answer (its error: {exc.code}, HTTP {exc.status}).",
             "Try again in a moment; if it keeps failing, tell whoever runs the cloud.",
+            transient=True,
         )
     if isinstance(exc, CloudUnavailable):
         return CloudRefused(
             Status.TIMED_OUT,
             "cloud_unavailable",
-            "Cannot reach the cloud; check the network and the cloud URL in Settings.",
-            "Check this machine's network and the cloud URL, then try again.",
+            "Cannot reach the cloud.",
+            "Check this machine's network and the cloud URL (Settings in the app, --cloud or "
+            "DOORSTEP_CLOUD_URL for a script), then try again.",
+            transient=True,
         )
     status, message = _MESSAGES.get(
         exc.code, (Status.PROTOCOL_ERROR, f"The cloud refused the request ({exc.code}).")

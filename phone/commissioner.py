@@ -268,6 +268,23 @@ class _CountingLink:
         return data
 
 
+class CompletionUnconfirmed(DS1Error):
+    """The device is provisioned, but bind/complete did not reach the cloud (§6.2).
+
+    Not a dead end: the device completes the bind itself at its check-in (§6.4).
+    """
+
+    code = "completion_unconfirmed"
+
+    def __init__(self, status: Status) -> None:
+        super().__init__(
+            "The device joined the network with its new identity, but the cloud could not "
+            "be told: the device finishes the pairing itself when it reaches the cloud."
+        )
+        self.status = status
+        self.hint = "Check your devices in a minute; pair it again only if it does not appear."
+
+
 class OnboardingError(Exception):
     def __init__(self, status: Status, message: str) -> None:
         super().__init__(message)
@@ -473,7 +490,18 @@ class Onboarding:
             )
         self.report.handshake_round_trips = self.report.stats.round_trips
 
-        bound = await self.cloud.bind_complete(answer.attempt, outcome.ack)
+        try:
+            bound = await self.cloud.bind_complete(answer.attempt, outcome.ack)
+        except DS1Error as exc:
+            if not getattr(exc, "transient", False):
+                raise
+            # The device has joined with its identity; only the cloud was not told. The
+            # device tells it itself when it checks in (§6.4 completes the bind then).
+            session.close(Status.OK)
+            await self._flush_quietly()
+            with contextlib.suppress(LinkError):
+                await raw.disconnect()
+            raise CompletionUnconfirmed(exc.status) from None
         self.report.identifier, self.report.epoch = bound.identifier, bound.epoch
         session.close(Status.OK)
         await self._flush_quietly()
@@ -481,15 +509,29 @@ class Onboarding:
             await raw.disconnect()
 
         await self._enter(Stage.CHECKIN)
+        message = "Onboarded."
         if self.wait_checkin_s > 0:
             self.report.checked_in = await self.cloud.wait_active(
                 bound.identifier, self.wait_checkin_s
             )
+            if not self.report.checked_in:
+                message = (
+                    f"Onboarded, but the device has not checked in with the cloud within "
+                    f"{self.wait_checkin_s:g} s: it stays pending until it does."
+                )
+                self.report.hint = (
+                    "It checks in once it reaches the cloud; if it never does, check its "
+                    "network and its cloud URL."
+                )
+                self.report.timings[Stage.CHECKIN] = self.clock() - self._stage_started
+                await self.delegate.stage_changed(
+                    Stage.CHECKIN, StageState.FAILED, "no check-in yet"
+                )
         await self._enter(Stage.DONE)
         self.report.timings[Stage.DONE] = 0.0
         await self.delegate.stage_changed(Stage.DONE, StageState.DONE, "")
         self.report.status = Status.OK
-        self.report.message = "Onboarded."
+        self.report.message = message
         return self.report
 
     async def _provision_outcome(self) -> ProvisionSucceeded | ProvisionFailed:

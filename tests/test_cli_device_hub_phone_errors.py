@@ -79,7 +79,7 @@ def test_device_run_without_bluetooth(
     state = tmp_path / "state"
     code, _out, err = run(
         capsys, "device", "run", "--factory", str(factory), "--state", str(state),
-        "--confirm", "accept",
+        "--confirm", "accept", "--cloud", CLOUD,
     )  # fmt: skip
     assert code == 2
     assert one_line(err) == f"doorstep device: {NO_BUS} {HINT}"
@@ -90,9 +90,11 @@ def test_device_run_at_a_terminal_without_bluetooth_ends_without_waiting_for_inp
     factory: Path, tmp_path: Path
 ) -> None:
     """``--confirm prompt`` (the default) used to read stdin first: it hung until Enter."""
+    controller, terminal = os.openpty()
+    argv = ["device", "run", "--factory", str(factory), "--state", str(tmp_path / "s")]
     process = subprocess.Popen(
-        [*DOORSTEP, "device", "run", "--factory", str(factory), "--state", str(tmp_path / "s")],
-        stdin=subprocess.PIPE,  # kept open, as a terminal is
+        [*DOORSTEP, *argv, "--cloud", CLOUD],
+        stdin=terminal,  # a terminal nobody types on
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -103,8 +105,42 @@ def test_device_run_at_a_terminal_without_bluetooth_ends_without_waiting_for_inp
     finally:
         process.kill()
         _out, err = process.communicate()
+        os.close(controller)
+        os.close(terminal)
     assert code == 2
     assert one_line(err) == f"doorstep device: {NO_BUS} {HINT}"
+
+
+@pytest.mark.parametrize("role", ["device", "hub"])
+def test_prompting_without_a_terminal_is_refused_at_start(
+    capsys: pytest.CaptureFixture[str], factory: Path, tmp_path: Path, role: str
+) -> None:
+    """Nobody could answer: each pairing waited 60 s and failed as "rejected by the user"."""
+    state = tmp_path / "state"
+    code, _out, err = run(
+        capsys, role, "run", "--factory", str(factory), "--state", str(state), "--cloud", CLOUD
+    )  # stdin is pytest's, not a terminal
+    assert code == 2
+    assert one_line(err).endswith(
+        "(stdin is not one): pass --confirm accept or --confirm reject"
+    )
+    assert not state.exists()
+
+
+def test_a_device_without_a_cloud_url_says_it_will_not_check_in(
+    capsys: pytest.CaptureFixture[str], factory: Path, tmp_path: Path
+) -> None:
+    code, _out, err = run(
+        capsys, "device", "run", "--factory", str(factory), "--state", str(tmp_path / "s"),
+        "--confirm", "accept",
+    )  # fmt: skip
+    assert code == 2  # no Bluetooth here; the warning came first
+    first, last = err.splitlines()
+    assert first == (
+        "doorstep device: warning: no cloud URL (--cloud or DOORSTEP_CLOUD_URL): this device "
+        "will not check in, so its pairings stay pending in the cloud"
+    )
+    assert last == f"doorstep device: {NO_BUS} {HINT}"
 
 
 def test_hub_run_without_bluetooth(
@@ -208,8 +244,9 @@ def test_hub_state_that_is_a_file(
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
     code, _out, err = run(
-        capsys, "hub", "run", "--factory", str(factory), "--state", str(notes), "--cloud", CLOUD
-    )
+        capsys, "hub", "run", "--factory", str(factory), "--state", str(notes), "--cloud", CLOUD,
+        "--confirm", "accept",
+    )  # fmt: skip
     assert code == 2
     assert one_line(err).startswith(f"doorstep hub: state directory {notes} is unusable")
     assert notes.read_text() == "my notes\n"
@@ -236,7 +273,7 @@ def test_device_fw_of_16_bytes_is_accepted(
 ) -> None:
     code, _out, err = run(
         capsys, "device", "run", "--factory", str(factory), "--state", str(tmp_path / "s"),
-        "--confirm", "accept", "--fw", "1.0.0-beta.12345",
+        "--confirm", "accept", "--fw", "1.0.0-beta.12345", "--cloud", CLOUD,
     )  # fmt: skip
     assert code == 2  # it got as far as the radio
     assert one_line(err) == f"doorstep device: {NO_BUS} {HINT}"

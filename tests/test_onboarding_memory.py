@@ -295,4 +295,75 @@ async def test_a_cloud_failure_is_reported_as_the_clouds_not_the_network_or_devi
     else:
         assert report.status is Status.TIMED_OUT
         assert report.message.startswith("Cannot reach the cloud")
-        assert report.hint == "Check this machine's network and the cloud URL, then try again."
+        assert report.hint.startswith("Check this machine's network and the cloud URL")
+
+
+async def test_a_device_that_never_checks_in_is_not_reported_as_checked_in(
+    tmp_path: Path,
+) -> None:
+    """Onboarded (RESULT 0, bind completed), but no check-in within the wait: said so."""
+    async with running_device(tmp_path, checkin=False) as (air, _runtime, cloud, _user):
+        (sighting,) = [s async for s in air.central().scan()]
+        delegate = ScriptedCommissioner(choices=[GOOD])
+        report = await Onboarding(air.central(), cloud, delegate, wait_checkin_s=0.3).run(
+            sighting.address
+        )
+    assert report.ok and not report.checked_in
+    assert report.message == (
+        "Onboarded, but the device has not checked in with the cloud within 0.3 s: "
+        "it stays pending until it does."
+    )
+    assert report.hint.startswith("It checks in once it reaches the cloud")
+    states = [(stage, state.value) for stage, state, _ in delegate.stages]
+    assert (Stage.CHECKIN, "failed") in states and (Stage.CHECKIN, "done") not in states
+
+
+class _CompleteUnreachable:
+    """A cloud that answers bind/start, and is gone before bind/complete."""
+
+    def __init__(self, reachable: object, gone: object) -> None:
+        self.reachable, self.gone = reachable, gone
+
+    async def bind_start(self, request: object) -> object:
+        return await self.reachable.bind_start(request)  # type: ignore[attr-defined]
+
+    async def bind_complete(self, attempt: str, ack: bytes) -> object:
+        return await self.gone.bind_complete(attempt, ack)  # type: ignore[attr-defined]
+
+    async def wait_active(self, identifier: bytes, timeout: float) -> bool:
+        return await self.gone.wait_active(identifier, timeout)  # type: ignore[attr-defined]
+
+
+async def test_a_bind_complete_that_cannot_reach_the_cloud_says_the_device_finishes_it(
+    tmp_path: Path,
+) -> None:
+    """The device has joined with its identity: the user is told it completes on its own
+    (its check-in does, §6.4), not to "try again" into a closed pairing window."""
+    import httpx
+
+    from cloud_helpers import add_user, in_process_cloud, register
+    from phone.cloudlink import CloudLink
+
+    async with (
+        running_device(tmp_path, checkin=False) as (air, runtime, _local, _user),
+        in_process_cloud("sqlite:///:memory:") as c,
+    ):
+        await register(c.registry, c.kek, [runtime.factory])
+        token = await add_user(c.registry, "alice")
+        up = CloudLink("http://cloud.test", token, transport=httpx.ASGITransport(app=c.app))
+        down = CloudLink("http://127.0.0.1:9", token)  # nothing listens on the discard port
+        (sighting,) = [s async for s in air.central().scan()]
+        try:
+            report = await Onboarding(
+                air.central(), _CompleteUnreachable(up, down), ScriptedCommissioner(choices=[GOOD])
+            ).run(sighting.address)
+        finally:
+            await up.aclose()
+            await down.aclose()
+        state = runtime.store.load()
+    assert not report.ok and report.stage is Stage.JOIN
+    assert report.message.startswith("The device joined the network with its new identity")
+    assert report.hint == (
+        "Check your devices in a minute; pair it again only if it does not appear."
+    )
+    assert state.pending is not None  # it holds the identity its check-in will activate
