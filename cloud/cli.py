@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -181,6 +182,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ[ENV_LOG_LEVEL] = args.log_level  # for the app in this process or each worker
     settings_from_env()  # likewise for DOORSTEP_CLOUD_* numbers (bad_settings)
     _run(lambda: _check_database(url))  # and the database (bad_database_url, …_unavailable)
+    if (problem := _cannot_listen(args.host, args.port)) is not None:
+        return _fail(problem)  # before "serving on …", not after it
     if args.workers > 1:
         print(
             f"serving {args.workers} workers on http://{args.host}:{args.port} …", file=sys.stderr
@@ -198,6 +201,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving on http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why the server could not listen on ``host:port`` (in use, not ours), else None."""
+    if port == 0:
+        return None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror}"
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return f"cannot listen on {host}:{port}: {exc.strerror}"
+    return None
 
 
 async def _check_database(url: str) -> None:
@@ -370,7 +392,7 @@ def cmd_factory_new(args: argparse.Namespace) -> int:
             f"its record in {out}, and nothing else was kept",
             status=130,
         )
-    print(f"wrote {args.count} factory records to {out}")
+    print(f"wrote {args.count} factory record{'s' if args.count != 1 else ''} to {out}")
     return 0
 
 

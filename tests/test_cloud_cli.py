@@ -256,3 +256,21 @@ def test_a_padded_kek_is_accepted_and_a_binary_kek_file_is_invalid(tmp_path: Pat
     with pytest.raises(ConfigurationError) as info:
         load_kek(str(binary))
     assert info.value.code == "kek_invalid"
+
+
+def test_serve_on_a_port_in_use_says_so_before_serving(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import socket
+
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served anyway"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["cloud", "serve", "--db", f"sqlite:///{tmp_path}/c.db", "--port", str(port)]
+        assert main(argv) == 1
+    err = capsys.readouterr().err
+    _one_line_error(err, f"cannot listen on 127.0.0.1:{port}: Address already in use")
