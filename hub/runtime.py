@@ -167,6 +167,9 @@ class HubCommissioner:
         self._slots = asyncio.Semaphore(max_parallel)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._finished: set[str] = set()
+        # finished addresses since seen advertising as provisioned: back to unprovisioned
+        # with the pairing window open, such a device was factory-reset (a new case)
+        self._provisioned_since: set[str] = set()
         self._unfinished: dict[str, int] = {}  # address → row of an attempt cut short
         self._settling: asyncio.Task[None] | None = None
         self.idle = asyncio.Event()
@@ -201,9 +204,20 @@ class HubCommissioner:
         known = self.devices.get(address)
         if known is not None:
             known.rssi = sighting.rssi
+        status = sighting.status
+        if address in self._finished and address not in self._tasks:
+            if status.state is AdvState.PROVISIONED:
+                self._provisioned_since.add(address)
+            elif status.window_open and address in self._provisioned_since:
+                # Reset since the hub finished with it: onboard it anew. (A device the
+                # hub failed or the operator rejected never advertised as provisioned:
+                # it is not retried over and over.)
+                self._finished.discard(address)
+                self._provisioned_since.discard(address)
+                self.devices.pop(address, None)
+                known = None
         if address in self._tasks or address in self._finished:
             return
-        status = sighting.status
         if (
             status.state is AdvState.PROVISIONED
             and address in self._unfinished

@@ -139,3 +139,38 @@ async def test_rejected_device_stays_untouched_and_advertising(tmp_path: Path) -
         assert rt.current_status().state is AdvState.UNPROVISIONED
         assert rt.current_status().window_open
         assert cloud.completed == []
+
+
+async def test_a_device_reset_after_the_hub_onboarded_it_is_onboarded_again(
+    tmp_path: Path,
+) -> None:
+    """The hub used to remember the address for good and never look at the device again."""
+    async with fleet(tmp_path, 1) as (air, cloud, runtimes):
+        rt = runtimes[0]
+        async with HubRegistry(tmp_path / "hub.db") as registry:
+            hub = HubCommissioner(
+                air.central(), cloud, ScriptedOperator(True), HOME, registry, scan_period_s=0.01
+            )
+            stop = asyncio.Event()
+            task = asyncio.create_task(hub.run(stop))
+            try:
+                for expected in (1, 2):
+                    for _ in range(1000):
+                        if hub.stats.onboarded >= expected and not hub._tasks:
+                            break
+                        await asyncio.sleep(0.01)
+                    assert hub.stats.onboarded == expected
+                    await asyncio.wait_for(rt.onboarded.wait(), 5)
+                    if expected == 1:
+                        first = rt.state.active
+                        await asyncio.sleep(0.05)  # the hub sees it provisioned
+                        rt.factory_reset()
+                        await asyncio.sleep(0.05)
+                        rt.press_button()  # the user opens the pairing window again
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 10)
+            rows = await registry.all()
+    assert first is not None and rt.state.active is not None
+    assert rt.state.active.identifier != first.identifier  # a new identity, a new bind
+    assert [r.status for r in rows] == [0, 0] and len(cloud.completed) == 2
