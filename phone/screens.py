@@ -107,6 +107,8 @@ class DevicesScreen(Screen[None]):
             table = self.query_one("#devices", DataTable)
         except NoMatches:  # a sighting arrived before the screen was composed
             return
+        if not table.columns:  # composed, not yet mounted: on_mount adds them, then refreshes
+            return
         rows = app.nearby.rows(app.clock())
         selected = self.selected_address()
         table.clear()

@@ -488,6 +488,7 @@ async def test_an_adapter_that_does_not_exist_is_one_line(stack: Stack) -> None:
     rc, _out, err = await doorstep(
         stack, "device", "run", "--factory", str(handle.factory_file),
         "--state", str(handle.state_dir), "--confirm", "accept", "--adapter", "hci7",
+        "--cloud", stack.cloud_url,
     )  # fmt: skip
     assert rc == 2
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
