@@ -111,22 +111,6 @@ def test_device_run_at_a_terminal_without_bluetooth_ends_without_waiting_for_inp
     assert one_line(err) == f"doorstep device: {NO_BUS} {HINT}"
 
 
-@pytest.mark.parametrize("role", ["device", "hub"])
-def test_prompting_without_a_terminal_is_refused_at_start(
-    capsys: pytest.CaptureFixture[str], factory: Path, tmp_path: Path, role: str
-) -> None:
-    """Nobody could answer: each pairing waited 60 s and failed as "rejected by the user"."""
-    state = tmp_path / "state"
-    code, _out, err = run(
-        capsys, role, "run", "--factory", str(factory), "--state", str(state), "--cloud", CLOUD
-    )  # stdin is pytest's, not a terminal
-    assert code == 2
-    assert one_line(err).endswith(
-        "(stdin is not one): pass --confirm accept or --confirm reject"
-    )
-    assert not state.exists()
-
-
 def test_a_device_without_a_cloud_url_says_it_will_not_check_in(
     capsys: pytest.CaptureFixture[str], factory: Path, tmp_path: Path
 ) -> None:
@@ -212,15 +196,29 @@ def test_phone_pair_json_without_bluetooth_reports_the_failure_on_stdout(
 
 
 @pytest.mark.parametrize("role", ["device", "hub"])
-def test_a_binary_file_is_not_a_factory_record(
-    capsys: pytest.CaptureFixture[str], binary: Path, tmp_path: Path, role: str
+@pytest.mark.parametrize("case", ["binary factory file", "prompt without a terminal"])
+def test_refused_at_start_with_no_state_made(
+    capsys: pytest.CaptureFixture[str],
+    binary: Path,
+    factory: Path,
+    tmp_path: Path,
+    role: str,
+    case: str,
 ) -> None:
+    """A binary file is no factory record; and with no terminal (stdin is pytest's) nobody
+    could answer a prompt: each pairing waited 60 s and failed as "rejected by the user"."""
     state = tmp_path / "state"
+    record = binary if case == "binary factory file" else factory
     code, _out, err = run(
-        capsys, role, "run", "--factory", str(binary), "--state", str(state), "--cloud", CLOUD
+        capsys, role, "run", "--factory", str(record), "--state", str(state), "--cloud", CLOUD
     )
     assert code == 2
-    assert one_line(err) == f"doorstep {role}: {binary}: factory record is not valid JSON"
+    if case == "binary factory file":
+        assert one_line(err) == f"doorstep {role}: {binary}: factory record is not valid JSON"
+    else:
+        assert one_line(err).endswith(
+            "(stdin is not one): pass --confirm accept or --confirm reject"
+        )
     assert not state.exists()
 
 
