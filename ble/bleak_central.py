@@ -265,15 +265,15 @@ class BleakCentral:
                 self._seen[sighting.address] = (sighting, device)
                 found.put_nowait(sighting)
 
-        scanner = BleakScanner(
-            detected,
-            service_uuids=[SERVICE_UUID],
-            scanning_mode="active",
-            bluez=self._scanner_args(),
-        )
         try:
+            scanner = BleakScanner(
+                detected,
+                service_uuids=[SERVICE_UUID],
+                scanning_mode="active",
+                bluez=self._scanner_args(),
+            )
             await scanner.start()
-        except BleakError as exc:
+        except Exception as exc:  # BleakError, or D-Bus's own (no system bus: OSError)
             raise LinkError(f"cannot scan: {_text(exc)}", code="scan_failed") from exc
         deadline = None if timeout is None else time.monotonic() + timeout
         try:

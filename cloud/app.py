@@ -825,15 +825,15 @@ def configure_logging(level: str) -> None:
     resort, and ``--log-level info`` showed none of its information (such as
     the group-commit figures at shutdown).
     """
+    if level.lower() not in LOG_LEVELS:
+        raise ConfigurationError(
+            f"{ENV_LOG_LEVEL} must be one of {', '.join(LOG_LEVELS)}", code="bad_settings"
+        )
     logger = logging.getLogger("doorstep")
     if not any(isinstance(h, _Stderr) for h in logger.handlers):
         handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(levelname)s:  %(name)s: %(message)s"))
         logger.addHandler(handler)
-    if level.lower() not in LOG_LEVELS:
-        raise ConfigurationError(
-            f"{ENV_LOG_LEVEL} must be one of {', '.join(LOG_LEVELS)}", code="bad_settings"
-        )
     if level.lower() != "warning":  # warning: logging's own default, left as it is
         logger.setLevel(level.upper())
 

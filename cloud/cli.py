@@ -435,7 +435,9 @@ async def _write_and_register(
         _discard(staged)
         raise failure
     registered(len(batch))
-    _publish(staged)
+    # No Ctrl-C can cut this short: run() turned SIGINT into a cancel, taken at an await.
+    for partial, final in staged:
+        partial.rename(final)
     if stopped:
         raise asyncio.CancelledError
 
@@ -443,18 +445,6 @@ async def _write_and_register(
 def _discard(staged: list[tuple[Path, Path]]) -> None:
     for partial, _ in staged:
         partial.unlink(missing_ok=True)
-
-
-def _publish(staged: list[tuple[Path, Path]]) -> None:
-    """Rename every staged file into place, even if Ctrl-C comes meanwhile."""
-    try:
-        for partial, final in staged:
-            partial.rename(final)
-    except KeyboardInterrupt:
-        for partial, final in staged:
-            if partial.exists():
-                partial.rename(final)
-        raise
 
 
 @_guarded

@@ -73,8 +73,7 @@ class KeyEncryptionKey:
         return "KeyEncryptionKey(<hidden>)"
 
     def wrap(self, purpose: bytes, owner: bytes, secret: bytes) -> bytes:
-        nonce = self._rng(_NONCE)
-        return nonce + self._aead.encrypt(nonce, secret, _AAD_LABEL + purpose + b" " + owner)
+        return self.wrap_many(purpose, [(owner, secret)])[0]
 
     def wrap_many(self, purpose: bytes, items: list[tuple[bytes, bytes]]) -> list[bytes]:
         """:meth:`wrap` of each ``(owner, secret)``, with every nonce from one draw."""

@@ -83,9 +83,8 @@ class Settings:
         return self.completion_window_s + 86400
 
     def __post_init__(self) -> None:
-        if min(self.rate_window_s, self.rate_per_user, self.rate_per_device) < 1 or (
-            self.rate_per_address < 1
-        ):
+        limits = (self.rate_per_user, self.rate_per_device, self.rate_per_address)
+        if min(self.rate_window_s, *limits) < 1:
             raise ConfigurationError(
                 "rate_window_s and the rate limits must be at least 1", code="bad_settings"
             )

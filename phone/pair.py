@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from ble.errors import LinkError
 from ble.profile import Sighting
 from ble.transport import Central
 from phone.commissioner import (
@@ -217,12 +216,7 @@ async def pair(
     ssid_bytes = ssid.encode("utf-8") if isinstance(ssid, str) else ssid
     out.write(f"Scanning for {device}…\n")
     out.flush()
-    try:
-        sighting = await find_device(central, device, scan_timeout, clock=clock)
-    except LinkError:
-        raise
-    except Exception as exc:  # bleak lets D-Bus's own errors through (no system bus: OSError)
-        raise LinkError(f"cannot scan: {exc}", code="scan_failed") from exc
+    sighting = await find_device(central, device, scan_timeout, clock=clock)
     if sighting is None:
         report = not_found_report(device, scan_timeout)
         out.write(f"{report.message}\n")

@@ -163,9 +163,12 @@ async def test_a_device_reset_after_the_hub_onboarded_it_is_onboarded_again(
                     await asyncio.wait_for(rt.onboarded.wait(), 5)
                     if expected == 1:
                         first = rt.state.active
-                        await asyncio.sleep(0.05)  # the hub sees it provisioned
+                        address = rt.factory.mac_text
+                        for _ in range(500):  # until the hub has seen it provisioned
+                            if address in hub._provisioned_since:
+                                break
+                            await asyncio.sleep(0.01)
                         rt.factory_reset()
-                        await asyncio.sleep(0.05)
                         rt.press_button()  # the user opens the pairing window again
             finally:
                 stop.set()
