@@ -78,6 +78,7 @@ from cloud.store.registry import (
 )
 from protocol.cloudside import (
     Identity,
+    InitialKeys,
     build_seal,
     build_wrapped_identity,
     check_commitment,
@@ -142,6 +143,18 @@ def _decode(text: str, size: int | None, what: str) -> bytes:
 
 def _json(value: dict[str, Any]) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def _json_text(text: str) -> str:
+    return json.dumps(text)  # ensure_ascii, as in _json
+
+
+#: The 201 body of bind/start, the bytes ``_json`` gives for it: base64url and hex
+#: need no escaping, the model is escaped by ``_json_text``.
+_ANSWER = (
+    '{"attempt":"%s","ticket":"%s","seal":"%s","session_secret":"%s",'
+    '"wrapped_identity":"%s","device":{"dev_id":"%s","model":%s},"expires_in":%d}'
+)
 
 
 class BindService:
@@ -307,7 +320,7 @@ class BindService:
             if limited is not None:
                 return limited
             # 4. device checks, then the attempt
-            accepted, k_init = self._device_challenge_ok(device, m1, m2, challenge)
+            accepted, keys = self._device_challenge_ok(device, m1, m2, challenge)
             answer: bytes | None = None
             previous = await tx.replay(challenge.dev_id, challenge.n_d)
             if previous is not None:
@@ -331,7 +344,7 @@ class BindService:
             return await self._new_attempt(
                 tx,
                 device,
-                k_init,
+                keys,
                 principal,
                 request_hash,
                 m1,
@@ -352,25 +365,27 @@ class BindService:
 
     def _device_challenge_ok(
         self, device: DeviceRecord | None, m1: bytes, m2: bytes, challenge: Any
-    ) -> tuple[bool, bytes]:
-        """Tag and registry checks, and the K_init they used; an unknown device costs the same."""
+    ) -> tuple[bool, InitialKeys]:
+        """Tag and registry checks, and the keys of K_init they used; an unknown device
+        costs the same (all three keys are derived either way: one HKDF-Extract)."""
         if device is None:
             k_init = self.kek.unwrap(PURPOSE_K_INIT, _DUMMY_DEV_ID, self._dummy_k_init_wrapped)
         else:
             k_init = self._unwrap(PURPOSE_K_INIT, device.dev_id, device.k_init_wrapped)
+        keys = InitialKeys.derive(k_init)
         try:
-            verify_challenge_tag(k_init, m1, m2)
+            verify_challenge_tag(keys, m1, m2)
             tag_ok = True
         except AuthenticationError:
             tag_ok = False
         if device is None:
-            return False, k_init
+            return False, keys
         return (
             tag_ok
             & (challenge.mac == device.mac)
             & (challenge.model == device.model)
             & (challenge.reset_ctr >= device.max_reset_ctr)
-        ), k_init
+        ), keys
 
     def _identical_retry(
         self,
@@ -390,7 +405,7 @@ class BindService:
         self,
         tx: RegistryTransaction,
         device: DeviceRecord,
-        k_init: bytes,
+        keys: InitialKeys,
         principal: Principal,
         request_hash: bytes,
         m1: bytes,
@@ -418,21 +433,23 @@ class BindService:
             }
         )
         th = transcript_hash(m1, m2, commissioner_pub, commissioner_nonce, ticket)
-        seal = build_seal(k_init, th, challenge.n_d, session_secret, seal_nonce)
+        seal = build_seal(keys, th, challenge.n_d, session_secret, seal_nonce)
         wrapped_identity = build_wrapped_identity(
-            k_init, th, Identity(identifier, k_dev, epoch), w_nonce
+            keys, th, Identity(identifier, k_dev, epoch), w_nonce
         )
-        answer = _json(
-            {
-                "attempt": b64url_encode(attempt_id),
-                "ticket": b64url_encode(ticket),
-                "seal": b64url_encode(seal),
-                "session_secret": b64url_encode(session_secret),
-                "wrapped_identity": b64url_encode(wrapped_identity),
-                "device": {"dev_id": device.dev_id.hex(), "model": device.model},
-                "expires_in": self.settings.attempt_validity_s,
-            }
-        )
+        answer = (
+            _ANSWER
+            % (
+                b64url_encode(attempt_id),
+                b64url_encode(ticket),
+                b64url_encode(seal),
+                b64url_encode(session_secret),
+                b64url_encode(wrapped_identity),
+                device.dev_id.hex(),
+                _json_text(device.model),
+                self.settings.attempt_validity_s,
+            )
+        ).encode("ascii")
         # The identity stays in the attempt row until the bind completes (_complete).
         await tx.insert_attempt(
             AttemptRecord(

@@ -19,6 +19,7 @@ from protocol.crypto import (
     aead_seal,
     equal,
     hkdf,
+    initial_subkeys,
 )
 from protocol.encoding import u32
 from protocol.errors import AuthenticationError, IdentityError, MessageError
@@ -27,6 +28,7 @@ from protocol.schedule import bind_ack, challenge_tag, commitment, transcript_ha
 
 __all__ = [
     "Identity",
+    "InitialKeys",
     "bind_ack",
     "build_seal",
     "build_wrapped_identity",
@@ -38,6 +40,27 @@ __all__ = [
     "verify_ack",
     "verify_challenge_tag",
 ]
+
+
+@dataclass(frozen=True, repr=False)
+class InitialKeys:
+    """``K_hello``, ``K_seal`` and ``K_wrap`` of one ``K_init`` (§3).
+
+    Derived together (:func:`~protocol.crypto.initial_subkeys`: one HKDF-Extract
+    for the three), for a caller that needs more than one of them. The functions
+    below take either this or ``K_init`` itself. ``repr`` hides the keys.
+    """
+
+    hello: bytes
+    seal: bytes
+    wrap: bytes
+
+    @classmethod
+    def derive(cls, k_init: bytes) -> InitialKeys:
+        return cls(*initial_subkeys(k_init))
+
+    def __repr__(self) -> str:
+        return "InitialKeys(…)"
 
 
 def check_commitment(m1: bytes, commissioner_pub: bytes, commissioner_nonce: bytes) -> Hello:
@@ -60,17 +83,25 @@ def parse_challenge(m2: bytes) -> Challenge:
     return challenge
 
 
-def verify_challenge_tag(k_init: bytes, m1: bytes, m2: bytes) -> None:
+def verify_challenge_tag(k_init: bytes | InitialKeys, m1: bytes, m2: bytes) -> None:
     """Check ``tag_D`` on M2 under the device's ``K_hello``."""
-    k_hello = hkdf(k_init, LABEL_KEY_HELLO, 32)
+    if isinstance(k_init, InitialKeys):
+        k_hello = k_init.hello
+    else:
+        k_hello = hkdf(k_init, LABEL_KEY_HELLO, 32)
     expected = challenge_tag(k_hello, m1, m2[:-16])
     if not equal(expected, m2[-16:]):
         raise AuthenticationError("device tag does not verify", code="bad_tag")
 
 
-def build_seal(k_init: bytes, th: bytes, n_d: bytes, session_secret: bytes, nonce: bytes) -> bytes:
+def build_seal(
+    k_init: bytes | InitialKeys, th: bytes, n_d: bytes, session_secret: bytes, nonce: bytes
+) -> bytes:
     """``seal = n ‖ AEAD(K_seal, n, N_D ‖ R, aad = TH)`` (76 bytes)."""
-    k_seal = hkdf(k_init, LABEL_KEY_SEAL, 32)
+    if isinstance(k_init, InitialKeys):
+        k_seal = k_init.seal
+    else:
+        k_seal = hkdf(k_init, LABEL_KEY_SEAL, 32)
     return nonce + aead_seal(k_seal, nonce, n_d + session_secret, th)
 
 
@@ -92,9 +123,14 @@ class Identity:
         return f"Identity(identifier={self.identifier.hex()[:8]}…, epoch={self.epoch})"
 
 
-def build_wrapped_identity(k_init: bytes, th: bytes, identity: Identity, nonce: bytes) -> bytes:
+def build_wrapped_identity(
+    k_init: bytes | InitialKeys, th: bytes, identity: Identity, nonce: bytes
+) -> bytes:
     """``W = n ‖ AEAD(K_wrap, n, identifier ‖ K_dev ‖ u32(epoch), aad = TH)`` (80 bytes)."""
-    k_wrap = hkdf(k_init, LABEL_KEY_WRAP, 32)
+    if isinstance(k_init, InitialKeys):
+        k_wrap = k_init.wrap
+    else:
+        k_wrap = hkdf(k_init, LABEL_KEY_WRAP, 32)
     plain = identity.identifier + identity.k_dev + u32(identity.epoch)
     return nonce + aead_seal(k_wrap, nonce, plain, th)
 

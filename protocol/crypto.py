@@ -127,9 +127,14 @@ class EphemeralKey:
 
 
 def initial_subkeys(k_init: bytes) -> tuple[bytes, bytes, bytes]:
-    """(K_hello, K_seal, K_wrap) of §1."""
+    """(K_hello, K_seal, K_wrap) of §1.
+
+    Each is ``HKDF(K_init, label, 32)`` with an empty salt, so the three share
+    one HKDF-Extract, computed once here.
+    """
+    prk = extract(b"", k_init)
     return (
-        hkdf(k_init, LABEL_KEY_HELLO, 32),
-        hkdf(k_init, LABEL_KEY_SEAL, 32),
-        hkdf(k_init, LABEL_KEY_WRAP, 32),
+        expand(prk, LABEL_KEY_HELLO, 32),
+        expand(prk, LABEL_KEY_SEAL, 32),
+        expand(prk, LABEL_KEY_WRAP, 32),
     )

@@ -11,6 +11,7 @@ from protocol import cloudside
 from protocol.channel import SecureChannel
 from protocol.crypto import EphemeralKey, initial_subkeys
 from protocol.encoding import b64url_encode, cbor_decode_map, cbor_encode
+from protocol.errors import AuthenticationError
 from protocol.factory import FactoryRecord
 from protocol.framing import Reassembler, fragment
 from protocol.handshake import CommissionerHandshake, DeviceHandshake
@@ -101,6 +102,15 @@ def test_seal_w_and_ack() -> None:
     assert cloudside.build_seal(k_init, x("TH"), x("N_D"), x("R"), DRAWS["seal_nonce"]) == x("seal")
     w = cloudside.build_wrapped_identity(k_init, x("TH"), identity, DRAWS["W_nonce"])
     assert w == x("W")
+    # The cloud passes the three sub-keys derived together instead of K_init: same bytes.
+    keys = cloudside.InitialKeys.derive(k_init)
+    assert (keys.hello, keys.seal, keys.wrap) == (x("K_hello"), x("K_seal"), x("K_wrap"))
+    assert repr(keys) == "InitialKeys(…)"
+    assert cloudside.build_seal(keys, x("TH"), x("N_D"), x("R"), DRAWS["seal_nonce"]) == x("seal")
+    assert cloudside.build_wrapped_identity(keys, x("TH"), identity, DRAWS["W_nonce"]) == w
+    cloudside.verify_challenge_tag(keys, x("M1"), x("M2"))
+    with pytest.raises(AuthenticationError):
+        cloudside.verify_challenge_tag(keys, x("M1"), x("M2")[:-1] + bytes([x("M2")[-1] ^ 1]))
     opened = cloudside.open_wrapped_identity(x("K_wrap"), x("TH"), w, active_epoch=0)
     assert (opened.identifier, opened.k_dev, opened.epoch) == (x("identifier"), x("K_dev"), 1)
     ack = bind_ack(
