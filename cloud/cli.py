@@ -358,10 +358,13 @@ def cmd_factory_new(args: argparse.Namespace) -> int:
         main = asyncio.current_task()
         assert main is not None
         asyncio.get_running_loop().add_signal_handler(signal.SIGINT, main.cancel)
-        registry = await open_registry(_db(args))  # a bad --db fails before --out is made
+        # Durable commits: a record file is published only once its device's
+        # registration would survive a power loss (_write_and_register).
+        registry = await open_registry(_db(args), durable=True)  # a bad --db: before --out
         started = time.monotonic()
         try:
             out.mkdir(parents=True, exist_ok=True)
+            await _recover_staged(registry, out)
             while done < args.count:
                 size = min(FACTORY_BATCH, args.count - done)
                 # One draw per batch: the source is health-tested per read, so
@@ -408,16 +411,22 @@ async def _write_and_register(
     The files are written under temporary names and renamed after the batch
     commits. Ctrl-C (however often) waits for the commit, then publishes the
     files; if the commit fails, neither the devices nor the files are left.
+    Against a power loss: the files' contents are on disk before the commit,
+    the commit is on disk before the renames (a durable registry), and the
+    renames before the next batch. A loss between the commit and the renames
+    leaves complete staged files, which the next run publishes or removes
+    (:func:`_recover_staged`).
     """
     staged: list[tuple[Path, Path]] = []
     try:
         for record in batch:
             name = f"{record.dev_id.hex()}.json"
-            partial = out / f".{name}.partial"
+            partial = out / f"{_STAGED_PREFIX}{record.dev_id.hex()}{_STAGED_SUFFIX}"
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             staged.append((partial, out / name))
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(record.dumps())
+        _sync_files(out, [partial for partial, _ in staged])
     except BaseException:
         _discard(staged)
         raise
@@ -438,6 +447,7 @@ async def _write_and_register(
     # No Ctrl-C can cut this short: run() turned SIGINT into a cancel, taken at an await.
     for partial, final in staged:
         partial.rename(final)
+    _sync_directory(out)
     if stopped:
         raise asyncio.CancelledError
 
@@ -445,6 +455,76 @@ async def _write_and_register(
 def _discard(staged: list[tuple[Path, Path]]) -> None:
     for partial, _ in staged:
         partial.unlink(missing_ok=True)
+
+
+_STAGED_PREFIX, _STAGED_SUFFIX = ".", ".json.partial"
+
+
+def _sync_files(directory: Path, files: list[Path]) -> None:
+    """The contents of ``files`` (and their names in ``directory``) on disk."""
+    if hasattr(os, "sync"):
+        os.sync()  # one call for a whole batch: an fsync per file took ~0.3 ms each here
+    else:  # pragma: no cover - not on Linux
+        for path in files:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _sync_directory(directory)
+
+
+def _sync_directory(directory: Path) -> None:
+    """The names in ``directory`` (renames, new files) on disk."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - a platform without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+async def _recover_staged(registry: Registry, out: Path) -> None:
+    """Publish or remove the staged record files an earlier run left in ``out``.
+
+    Only a power loss (or a killed process) between a batch's commit and its
+    renames leaves them: complete files, each either a registered device
+    (published now under its final name) or not (removed).
+    """
+    staged: dict[bytes, Path] = {}
+    for path in out.iterdir():
+        name = path.name
+        if not (name.startswith(_STAGED_PREFIX) and name.endswith(_STAGED_SUFFIX)):
+            continue
+        try:
+            dev_id = bytes.fromhex(name[len(_STAGED_PREFIX) : -len(_STAGED_SUFFIX)])
+        except ValueError:
+            continue
+        if len(dev_id) == 16:
+            staged[dev_id] = path
+    if not staged:
+        return
+
+    async def body(tx: RegistryTransaction) -> set[bytes]:
+        return await tx.registered(list(staged))
+
+    registered = await registry.run(body)
+    for dev_id, path in staged.items():
+        if dev_id in registered:
+            path.rename(out / f"{dev_id.hex()}.json")
+        else:
+            path.unlink()
+    _sync_directory(out)
+    kept = len(registered)
+    print(
+        f"an earlier run was cut off: published {kept} record{'s' if kept != 1 else ''} of "
+        f"registered devices, removed {len(staged) - kept} of devices never registered",
+        file=sys.stderr,
+    )
 
 
 @_guarded

@@ -20,6 +20,7 @@ from cloud.store.registry import open_registry
 from cloud_helpers import TEST_KEK, new_factory_record, register
 from doorstep_cli import main
 from protocol.encoding import b64url_encode
+from protocol.factory import FactoryRecord
 
 DOORSTEP = [sys.executable, "-m", "doorstep_cli"]
 
@@ -168,6 +169,46 @@ def test_factory_new_stopped_by_ctrl_c_keeps_files_and_devices_alike(tmp_path: P
     assert f"after {len(files)} of 200000 devices" in last
 
 
+def test_factory_new_publishes_or_removes_what_a_cut_off_run_staged(tmp_path: Path) -> None:
+    """A power loss between a batch's commit and its renames leaves staged record files:
+    the next run publishes those of registered devices and removes the others."""
+    db, out = tmp_path / "cloud.db", tmp_path / "records"
+    out.mkdir()
+    kept, lost = new_factory_record(), new_factory_record()
+    asyncio.run(_register_records(db, [kept]))
+    for record in (kept, lost):
+        (out / f".{record.dev_id.hex()}.json.partial").write_text(record.dumps())
+    (out / ".notes.json.partial").write_text("mine")  # not a record's name: left alone
+    done = _run(
+        "cloud", "factory", "new", "--count", "1", "--out", str(out), "--db", f"sqlite:///{db}"
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        "an earlier run was cut off: published 1 record of registered devices, "
+        "removed 1 of devices never registered"
+    ) in done.stderr
+    published = out / f"{kept.dev_id.hex()}.json"
+    assert published.read_text() == kept.dumps()
+    names = {p.name for p in out.iterdir()}
+    assert f"{lost.dev_id.hex()}.json" not in names
+    assert not any(
+        name.endswith(".json.partial") and name != ".notes.json.partial" for name in names
+    )
+    assert (out / ".notes.json.partial").read_text() == "mine"
+    with sqlite3.connect(db) as conn:
+        registered = {row[0].hex() + ".json" for row in conn.execute("SELECT dev_id FROM devices")}
+    assert registered == {name for name in names if not name.startswith(".")}
+    assert len(registered) == 2  # the recovered one and the new one
+
+
+async def _register_records(db: Path, records: list[FactoryRecord]) -> None:
+    registry = await open_registry(f"sqlite:///{db}")
+    try:
+        await register(registry, KeyEncryptionKey(TEST_KEK), records)
+    finally:
+        await registry.close()
+
+
 def test_factory_new_with_a_bad_database_makes_no_output_directory(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -179,13 +220,7 @@ def test_factory_new_with_a_bad_database_makes_no_output_directory(
 
 
 async def _registered(db: Path, count: int) -> None:
-    registry = await open_registry(f"sqlite:///{db}")
-    try:
-        await register(
-            registry, KeyEncryptionKey(TEST_KEK), [new_factory_record() for _ in range(count)]
-        )
-    finally:
-        await registry.close()
+    await _register_records(db, [new_factory_record() for _ in range(count)])
 
 
 def test_devices_lists_create_nothing_and_json_lists_every_device(

@@ -119,7 +119,9 @@ async def test_a_failed_commit_fails_every_body_of_the_batch(tmp_path: Path) -> 
             )
 
         results = await asyncio.gather(
-            _add(registry, "ann"), registry.run(dangling), _add(registry, "cy"),
+            _add(registry, "ann"),
+            registry.run(dangling),
+            _add(registry, "cy"),
             return_exceptions=True,
         )
         assert all(isinstance(r, sqlite3.IntegrityError) for r in results), results
@@ -595,3 +597,28 @@ async def test_a_closed_database_refuses_new_work(tmp_path: Path) -> None:
     await registry.close()
     with pytest.raises(ConnectionError, match="database closed"):
         await _add(registry, "after")
+
+
+async def test_a_durable_registry_syncs_every_commit_and_finds_registered_devices(
+    tmp_path: Path,
+) -> None:
+    """The factory's registry: a COMMIT is on disk when it returns (the server's is not)."""
+    records = [new_factory_record() for _ in range(3)]
+    unknown = new_factory_record().dev_id
+
+    async def synchronous(tx: RegistryTransaction) -> int:
+        row = await tx._tx.fetchrow("PRAGMA synchronous")
+        return int(row[0])
+
+    for durable, expected in ((True, 2), (False, 1)):  # FULL, NORMAL
+        registry = await open_registry(f"sqlite:///{tmp_path}/{durable}.db", durable=durable)
+        try:
+            assert await registry.run(synchronous) == expected
+            await register(registry, KeyEncryptionKey(TEST_KEK), records)
+
+            async def found(tx: RegistryTransaction) -> set[bytes]:
+                return await tx.registered([unknown, *(r.dev_id for r in records)])
+
+            assert await registry.run(found) == {r.dev_id for r in records}
+        finally:
+            await registry.close()

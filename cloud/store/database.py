@@ -194,12 +194,15 @@ class SqliteDatabase:
         self.bodies = 0
 
     @classmethod
-    async def open(cls, path: str) -> SqliteDatabase:
+    async def open(cls, path: str, *, durable: bool = False) -> SqliteDatabase:
         """Open (creating it and its directory if need be) the database file at ``path``.
 
         A file that is not a SQLite database, or one that cannot be opened,
         raises :class:`ConfigurationError` (``database_unavailable``) with
-        nothing left open.
+        nothing left open. ``durable``: every COMMIT is on disk before it
+        returns (``synchronous=FULL``: the WAL is fsynced), so a commit also
+        survives a power loss; for bulk writes whose outcome is published
+        elsewhere (the factory's record files), not for the server.
         """
         if path != ":memory:":
             try:
@@ -212,6 +215,8 @@ class SqliteDatabase:
         # The writer never waits on the loop's thread: see _run_light.
         conn = await cls._connect(path, busy_timeout_ms=0)
         try:
+            if durable:
+                await conn.execute("PRAGMA synchronous=FULL")
             checkpointer = None if path == ":memory:" else await cls._connect(path)
             if checkpointer is not None:
                 await _in_connection_thread(checkpointer, _lower_thread_priority)
@@ -575,10 +580,14 @@ def sqlite_path(url: str) -> str:
     return url[len(prefix) :]
 
 
-async def open_database(url: str) -> Database:
-    """Open the database named by ``url`` (see the module docstring)."""
+async def open_database(url: str, *, durable: bool = False) -> Database:
+    """Open the database named by ``url`` (see the module docstring).
+
+    ``durable``: a commit survives a power loss once it returns (PostgreSQL's
+    default; on SQLite see :meth:`SqliteDatabase.open`).
+    """
     if url.startswith("sqlite:"):
-        return await SqliteDatabase.open(sqlite_path(url))
+        return await SqliteDatabase.open(sqlite_path(url), durable=durable)
     if url.startswith(("postgresql://", "postgres://")):
         dsn, schema = split_postgres_url(url)
         return await PostgresDatabase.open(dsn, schema)

@@ -233,6 +233,18 @@ class RegistryTransaction:
         )
         return [_record(DeviceRecord, row) for row in rows]
 
+    async def registered(self, dev_ids: Sequence[bytes]) -> set[bytes]:
+        """Those of ``dev_ids`` that are registered devices."""
+        found: set[bytes] = set()
+        for start in range(0, len(dev_ids), 500):  # bound the number of parameters
+            chunk = dev_ids[start : start + 500]
+            marks = ", ".join(f"${i + 1}" for i in range(len(chunk)))
+            rows = await self._tx.fetch(
+                f"SELECT dev_id FROM devices WHERE dev_id IN ({marks})", *chunk
+            )
+            found.update(_b(row[0]) for row in rows)
+        return found
+
     async def count_devices(self) -> int:
         row = await self._tx.fetchrow("SELECT COUNT(*) FROM devices")
         return int(row[0]) if row else 0
@@ -566,14 +578,17 @@ async def _ensure_version_table(tx: Transaction, dialect: str) -> None:
     )
 
 
-async def open_registry(url: str, *, migrate: bool = True) -> Registry:
+async def open_registry(url: str, *, migrate: bool = True, durable: bool = False) -> Registry:
     """The registry at ``url``, its schema brought up to date unless ``migrate`` is False.
+
+    ``durable``: each commit survives a power loss once it returns (see
+    :func:`~cloud.store.database.open_database`).
 
     A schema that cannot be brought up to date (a database that holds other
     tables of the same names, say) is a :class:`ConfigurationError`
     (``database_unavailable``), with the database closed again.
     """
-    registry = Registry(await open_database(url))
+    registry = Registry(await open_database(url, durable=durable))
     if migrate:
         try:
             await registry.migrate()
