@@ -99,6 +99,26 @@ def bluetooth_problem(exc: BaseException) -> str | None:
     return None if problem is None else f"{problem} ({BLUETOOTH_HINT})"
 
 
+def missing_directories(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing: list[Path] = []
+    for directory in (path, *path.parents):
+        if directory.exists() or directory.is_symlink():
+            break
+        missing.append(directory)
+    return missing
+
+
+def remove_if_empty(directories: list[Path]) -> None:
+    """Remove ``directories`` (deepest first) while they are empty, so a failed start
+    leaves no trace; a directory with anything in it (a saved state) stays."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
 async def wait_started(runtime: Any, task: asyncio.Task[None]) -> bool:
     """Wait until ``runtime`` advertises (True) or its ``task`` ends first (False)."""
     started = asyncio.ensure_future(runtime.started.wait())
@@ -205,32 +225,38 @@ async def _run(args: argparse.Namespace, factory: FactoryRecord, wifi: WifiEnvir
     from device.storage import DeviceStore
     from device.user import TerminalUser
 
-    runtime, user, checkin = build_runtime(
-        factory,
-        DeviceStore(args.state, owner=True),
-        confirm=args.confirm,
-        wifi=wifi,
-        cloud_url=args.cloud or os.environ.get("DOORSTEP_CLOUD_URL"),
-        adapter=args.adapter,
-        fw=args.fw,
-    )
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGUSR1, runtime.press_button)
-    loop.add_signal_handler(signal.SIGUSR2, runtime.factory_reset)
-    loop.add_signal_handler(signal.SIGTERM, runtime.stop)
-    loop.add_signal_handler(signal.SIGINT, runtime.stop)
-    pidfile = args.state / PIDFILE
-    pidfile.write_text(f"{os.getpid()}\n")
+    # The runtime writes its state only once the radio is up; if it never comes up,
+    # the directories made here go again, so the next start finds what this one did.
+    created = missing_directories(args.state)
     try:
-        task = asyncio.create_task(runtime.run())
-        if await wait_started(runtime, task) and isinstance(user, TerminalUser):
-            user.start()
-        await task
+        runtime, user, checkin = build_runtime(
+            factory,
+            DeviceStore(args.state, owner=True),
+            confirm=args.confirm,
+            wifi=wifi,
+            cloud_url=args.cloud or os.environ.get("DOORSTEP_CLOUD_URL"),
+            adapter=args.adapter,
+            fw=args.fw,
+        )
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGUSR1, runtime.press_button)
+        loop.add_signal_handler(signal.SIGUSR2, runtime.factory_reset)
+        loop.add_signal_handler(signal.SIGTERM, runtime.stop)
+        loop.add_signal_handler(signal.SIGINT, runtime.stop)
+        pidfile = args.state / PIDFILE
+        pidfile.write_text(f"{os.getpid()}\n")
+        try:
+            task = asyncio.create_task(runtime.run())
+            if await wait_started(runtime, task) and isinstance(user, TerminalUser):
+                user.start()
+            await task
+        finally:
+            with contextlib.suppress(OSError):
+                pidfile.unlink()
+            if checkin is not None:
+                await checkin.close()
     finally:
-        with contextlib.suppress(OSError):
-            pidfile.unlink()
-        if checkin is not None:
-            await checkin.close()
+        remove_if_empty(created)
     return 0
 
 

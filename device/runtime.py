@@ -5,6 +5,15 @@ answer, the Wi-Fi join outcome and timer ticks all arrive on one inbox, so
 session calls never race. Slow work (asking the user, joining Wi-Fi, the
 atomic store, the cloud check-in) runs in tasks that post their result back.
 
+What the device's user sees (``DeviceUser.show``, the ``[device]`` lines of
+``doorstep device run``): its state once at start-up, one line when it is
+provisioned and one when it checks in, one line per Wi-Fi join that fails
+(status code, why, what next) and one per refused or failed connection. A
+passphrase never appears in any of them.
+
+The state directory is first written only once the radio has started: a
+device that cannot start (no Bluetooth) leaves its stored state as it was.
+
 PROTOCOL.md §5.3 (PROVISION order and the atomic store), §5.6 (window,
 back-off, one commissioner at a time), §6.4 (check-in with the pending key).
 """
@@ -37,9 +46,10 @@ from protocol.device_side import (
     SessionEnded,
     StoreRequested,
 )
+from protocol.display import printable
 from protocol.errors import Status
 from protocol.factory import FactoryRecord
-from protocol.pairing import PairingGate
+from protocol.pairing import PairingGate, backoff_seconds
 
 log = logging.getLogger("doorstep.device")
 
@@ -87,6 +97,7 @@ class _JoinOutcome:
     session: DeviceSession
     status: Status
     detail: str = ""
+    ssid: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -149,11 +160,13 @@ class DeviceRuntime:
         self._checkin_task: asyncio.Task[None] | None = None
         self._status: DeviceStatus | None = None
         self._save_lock = asyncio.Lock()
+        self._provisioned_by: DeviceSession | None = None  # the session that sent RESULT 0
         self.started = asyncio.Event()
         self.onboarded = asyncio.Event()  # set when a check-in made an identity active
         if self.state.active is None and not self.gate.window_open:
             self.gate.open_window()  # power-on without an active identity (§5.6)
-        self._persist_gate()
+        # Saved by run() once the radio is up, not here: see the module docstring.
+        self.state = self.state.with_(gate=self.gate.to_json())
 
     # ---- status shown on the air ---------------------------------------------
 
@@ -174,11 +187,6 @@ class DeviceRuntime:
         if status != self._status:
             self._status = status
             await self.peripheral.set_status(status)
-
-    def _persist_gate(self) -> None:
-        """Synchronous save, only before the loop runs (construction)."""
-        self.state = self.state.with_(gate=self.gate.to_json())
-        self.store.save(self.state)
 
     async def _save(self) -> None:
         """Persist ``self.state`` (with the gate) off the event loop, one save at a time.
@@ -212,12 +220,16 @@ class DeviceRuntime:
         await self.peripheral.start(
             name=self.factory.ble_name, dev_id=self.factory.dev_id, status=self._status
         )
-        pump = asyncio.create_task(self._pump_peripheral())
-        if self.state.pending is not None:
-            self._start_checkin()  # resume after a restart (§5.3)
-        self.started.set()
-        await self.user.show(self._describe())
+        pump: asyncio.Task[None] | None = None
         try:
+            # Only now that the radio is up: a start that fails writes nothing, so the
+            # next start opens its own 10-minute window rather than the rest of this one.
+            await self._save()
+            pump = asyncio.create_task(self._pump_peripheral())
+            if self.state.pending is not None:
+                self._start_checkin()  # resume after a restart (§5.3)
+            self.started.set()
+            await self.user.show(self._describe())
             while True:
                 item = await self._next_item()
                 if item is None:
@@ -228,7 +240,8 @@ class DeviceRuntime:
                 await self._handle(item)
                 await self._refresh_status()
         finally:
-            pump.cancel()
+            if pump is not None:
+                pump.cancel()
             for task in list(self._tasks):
                 task.cancel()
             if self._saves:  # a power-off is kill -9; an orderly stop finishes its saves
@@ -238,11 +251,81 @@ class DeviceRuntime:
             with contextlib.suppress(Exception):
                 await self.peripheral.stop()
 
+    # ---- what the device's user is told ------------------------------------------------
+
+    def _window_text(self) -> str:
+        if self.gate.window_open:
+            return "pairing window open"
+        return "pairing window closed; press the pairing button to open it"
+
     def _describe(self) -> str:
-        if self.state.active is not None:
-            return f"Provisioned as {self.state.active.identifier.hex()[:8]} (epoch {self.state.active.epoch})"
-        window = "open" if self.gate.window_open else "closed"
-        return f"{self.factory.ble_name}: waiting for a commissioner (pairing window {window})"
+        """The state line shown at start-up."""
+        name = self.factory.ble_name
+        if (pending := self.state.pending) is not None:
+            return (
+                f"{name}: provisioned as {pending.identity.identifier.hex()[:8]} "
+                f"(epoch {pending.identity.epoch}), {self._checkin_text()}"
+            )
+        if (active := self.state.active) is not None:
+            return (
+                f"{name}: provisioned as {active.identifier.hex()[:8]} "
+                f"(epoch {active.epoch}; {self._window_text()})"
+            )
+        return f"{name}: waiting for a commissioner ({self._window_text()})"
+
+    def _checkin_text(self) -> str:
+        if self.checkin_service is None:
+            return "not checking in (no cloud URL)"
+        return "checking in with the cloud"
+
+    def _next_text(self) -> str:
+        """What the device does now, after a session ended without provisioning it."""
+        if (pending := self.state.pending) is not None:
+            return (
+                f"still provisioned as {pending.identity.identifier.hex()[:8]}, "
+                f"{self._checkin_text()}"
+            )
+        if (active := self.state.active) is not None:
+            return f"still provisioned as {active.identifier.hex()[:8]} ({self._window_text()})"
+        return f"waiting for a commissioner ({self._window_text()})"
+
+    def _provisioned_text(self) -> str:
+        pending = self.state.pending
+        assert pending is not None  # stored before RESULT 0 (§5.3 step 5)
+        return (
+            f"Provisioned: joined Wi-Fi {_shown(pending.wifi.ssid)} as "
+            f"{pending.identity.identifier.hex()[:8]} (epoch {pending.identity.epoch}); "
+            f"{self._checkin_text()}"
+        )
+
+    def _session_end_text(self, session: DeviceSession, event: SessionEnded) -> str | None:
+        """One line on a session that ended without provisioning the device (None if it did)."""
+        if session is self._provisioned_by:
+            return None  # the "Provisioned: …" line told it all
+        code = _code(event.status)
+        reason = printable(event.reason, 80)
+        if event.status in (Status.WINDOW_CLOSED, Status.BUSY) and not event.sent_m2:
+            why = f" ({reason})"
+            if event.status is Status.WINDOW_CLOSED:
+                n = self.gate.failures
+                # The window itself is open during a back-off; a closed one is said next.
+                why = f" (back-off {backoff_seconds(n):g} s after {_sessions(n)})"
+                if not self.gate.window_open:
+                    why = ""
+            return f"Refused a commissioner: {code}{why}; {self._next_text()}"
+        if event.status is Status.OK:
+            return (
+                f"A commissioner left without provisioning this device ({reason}); "
+                f"{self._next_text()}"
+            )
+        backoff = ""
+        if event.sent_m2 and not event.accepted_m3:  # counts for §5.6
+            n = self.gate.failures
+            backoff = f"; back-off {backoff_seconds(n):g} s after {_sessions(n)}"
+        return (
+            f"Connection from a commissioner failed: {code} ({reason}){backoff}; "
+            f"{self._next_text()}"
+        )
 
     async def _pump_peripheral(self) -> None:
         while True:
@@ -301,6 +384,12 @@ class DeviceRuntime:
                     await self._apply(session, session.joined())
                 else:
                     await self._apply(session, session.join_failed(item.status, item.detail))
+                    detail = printable(item.detail or item.status.describe, 80)
+                    await self.user.show(
+                        f"Could not join Wi-Fi {_shown(item.ssid)}: {_code(item.status)} "
+                        f"({detail}); nothing stored, waiting for the commissioner to send "
+                        "other credentials or leave"
+                    )
             else:
                 await self._apply(session, session.stored())
         elif isinstance(item, _Command):
@@ -367,8 +456,10 @@ class DeviceRuntime:
                 self._spawn(self._store_pending(session, event))
             elif isinstance(event, Provisioned):
                 self.gate.close_window()
+                self._provisioned_by = session
                 self._start_checkin()
                 self._spawn_save()
+                await self.user.show(self._provisioned_text())
             elif isinstance(event, SessionEnded):
                 await self._session_ended(session, event, disconnect)
 
@@ -383,7 +474,8 @@ class DeviceRuntime:
         if disconnect:
             with contextlib.suppress(Exception):
                 await self.peripheral.disconnect()
-        await self.user.show(self._describe())
+        if (line := self._session_end_text(session, event)) is not None:
+            await self.user.show(line)
 
     def _spawn_save(self) -> None:
         """Save in the background; stopping the device waits for it (never cancels it)."""
@@ -407,12 +499,13 @@ class DeviceRuntime:
         async def progress(stage: int) -> None:
             self._inbox.put_nowait(_JoinStage(session, stage))
 
+        ssid = event.credentials.ssid
         try:
             await self.wifi.join(event.credentials, progress)
         except JoinFailed as exc:
-            self._inbox.put_nowait(_JoinOutcome(session, exc.status, exc.detail))
+            self._inbox.put_nowait(_JoinOutcome(session, exc.status, exc.detail, ssid))
             return
-        self._inbox.put_nowait(_JoinOutcome(session, Status.OK))
+        self._inbox.put_nowait(_JoinOutcome(session, Status.OK, ssid=ssid))
 
     async def _store_pending(self, session: DeviceSession, event: StoreRequested) -> None:
         record = event.record
@@ -471,3 +564,20 @@ class DeviceRuntime:
             self.onboarded.set()
             self._inbox.put_nowait(_Command("checked_in"))
             return
+
+
+# ---- text for the device's user ----------------------------------------------------------
+
+
+def _shown(ssid: bytes) -> str:
+    """An SSID as the user sees it: quoted, control characters escaped."""
+    return repr(ssid.decode("utf-8", "replace"))
+
+
+def _code(status: Status) -> str:
+    """``3 wifi_auth_failed``: the §4 number and its stable name."""
+    return f"{int(status)} {status.name.lower()}"
+
+
+def _sessions(n: int) -> str:
+    return f"{n} failed session" + ("" if n == 1 else "s")

@@ -11,7 +11,10 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hub.runtime import DeviceOutcome, HubStats
 
 
 def add_parser(subparsers: Any) -> None:
@@ -94,15 +97,20 @@ def _say(message: str) -> None:
 
 
 async def _run(args: argparse.Namespace, factory: Any, wifi: Any, cloud_url: str) -> int:
+    from device.cli import missing_directories, remove_if_empty
     from device.storage import DeviceStore
 
-    store = DeviceStore(args.state, owner=True)
-    state = store.load()
-    if state.active is None:
-        _say("not onboarded yet: advertising as a device for the phone app")
-        if not await _device_phase(args, factory, wifi, store, cloud_url):
-            return 1
+    created = missing_directories(args.state)  # gone again if the hub never got going
+    try:
+        store = DeviceStore(args.state, owner=True)
         state = store.load()
+        if state.active is None:
+            _say("not onboarded yet: advertising as a device for the phone app")
+            if not await _device_phase(args, factory, wifi, store, cloud_url):
+                return 1
+            state = store.load()
+    finally:
+        remove_if_empty(created)
     assert state.active is not None and state.wifi is not None
     await _check_bluetooth()
     _say(f"onboarded as {state.active.identifier.hex()[:8]}; accepting devices")
@@ -150,6 +158,22 @@ async def _check_bluetooth() -> None:
             break
 
 
+class _OutcomeLog:
+    """The unattended hub's log: a line per device outcome, then the counts if they moved."""
+
+    def __init__(self, stats: HubStats) -> None:
+        self.stats = stats
+        self.last = (0, 0, 0)
+
+    def __call__(self, outcome: DeviceOutcome) -> None:
+        _say(outcome.line())
+        s = self.stats
+        counts = (s.onboarded, s.failed, s.rejected)
+        if counts != self.last:
+            self.last = counts
+            _say(f"onboarded {s.onboarded}, failed {s.failed}, rejected {s.rejected}")
+
+
 async def _commissioner_phase(args: argparse.Namespace, state: Any, cloud_url: str) -> int:
     from ble.bleak_central import BleakCentral
     from hub.console import ConsoleOperator, HubConsole
@@ -183,17 +207,8 @@ async def _commissioner_phase(args: argparse.Namespace, state: Any, cloud_url: s
                 loop = asyncio.get_running_loop()
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.add_signal_handler(sig, stop.set)
-                last = (-1, -1, -1)
-                hub.on_change = lambda: None
-                runner = asyncio.create_task(hub.run(stop))
-                while not runner.done():
-                    await asyncio.sleep(0.5)
-                    s = hub.stats
-                    now = (s.onboarded, s.failed, s.rejected)
-                    if now != last:
-                        last = now
-                        _say(f"onboarded {s.onboarded}, failed {s.failed}, rejected {s.rejected}")
-                await runner
+                hub.on_outcome = _OutcomeLog(hub.stats)
+                await hub.run(stop)
         finally:
             await cloud.aclose()
     return 0

@@ -9,6 +9,13 @@ once. The operator confirms each device and its code; the hub provisions its
 home Wi-Fi and signs cloud requests with its identity (§6.3), so the hub's
 owner becomes the device's owner. Transient failures are retried with
 backoff a bounded number of times; permanent ones are recorded and left.
+
+Every outcome for a device (onboarded, failed, rejected, retrying) is handed
+to ``on_outcome`` as a ``DeviceOutcome`` once the registry holds it; its
+``line()`` is what the unattended hub prints, e.g.::
+
+    Doorstep-01A2 (C8:2B:96:1A:01:A2): onboarded as 0561683a
+    Doorstep-01A3 (C8:2B:96:1A:01:A3): failed: 6 no_ip_address (The device joined …)
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from phone.commissioner import (
     StageState,
 )
 from protocol.commissioner_side import ProvisionFailed
+from protocol.display import printable
 from protocol.errors import Status
 from protocol.messages import Network
 
@@ -94,6 +102,38 @@ class PendingDevice:
         return now - self.first_seen
 
 
+@dataclass(frozen=True)
+class DeviceOutcome:
+    """How one attempt at a device ended, as the hub's operator is told."""
+
+    name: str
+    address: str
+    progress: DeviceProgress  # ONBOARDED, FAILED, REJECTED or RETRYING
+    status: Status
+    message: str
+    identifier: str = ""  # the first 8 hex digits, once onboarded
+    attempt: int = 1
+    max_attempts: int = 1
+    retry_in_s: float = 0.0
+    final: bool = True  # False: tried again when it next advertises an open window
+
+    def line(self) -> str:
+        """One log line: who, what happened, and for a failure its code and reason."""
+        who = f"{printable(self.name, 96)} ({printable(self.address, 96)})"
+        if self.progress is DeviceProgress.ONBOARDED:
+            note = f" ({printable(self.message, 96)})" if self.message else ""
+            return f"{who}: onboarded as {self.identifier}{note}"
+        what = f"{int(self.status)} {self.status.name.lower()} ({printable(self.message, 96)})"
+        if self.progress is DeviceProgress.RETRYING:
+            return (
+                f"{who}: attempt {self.attempt}/{self.max_attempts} failed: {what}; "
+                f"retrying in {self.retry_in_s:g} s"
+            )
+        verdict = "rejected" if self.progress is DeviceProgress.REJECTED else "failed"
+        later = "" if self.final else "; will try again once its pairing window is open"
+        return f"{who}: {verdict}: {what}{later}"
+
+
 @dataclass
 class HubStats:
     onboarded: int = 0
@@ -148,6 +188,7 @@ class HubCommissioner:
         scan_period_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[], None] | None = None,
+        on_outcome: Callable[[DeviceOutcome], None] | None = None,
     ) -> None:
         if max_parallel < 1:
             raise ValueError("max_parallel must be at least 1")
@@ -162,6 +203,7 @@ class HubCommissioner:
         self.scan_period_s = scan_period_s
         self.clock = clock
         self.on_change = on_change
+        self.on_outcome = on_outcome
         self.devices: dict[str, PendingDevice] = {}
         self.stats = HubStats()
         self._slots = asyncio.Semaphore(max_parallel)
@@ -177,6 +219,11 @@ class HubCommissioner:
     def changed(self) -> None:
         if self.on_change is not None:
             self.on_change()
+
+    def _tell(self, outcome: DeviceOutcome) -> None:
+        log.info("%s", outcome.line())
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Scan and onboard until ``stop`` is set."""
@@ -255,12 +302,26 @@ class HubCommissioner:
             self.stats.reports.append(report)
             final = not retry and report.status is not Status.WINDOW_CLOSED
             await self._finish(row_id, pending, report, final=final)
+            delay = self.retry_base_s * 2 ** (attempt - 1)
+            self._tell(
+                DeviceOutcome(
+                    name=pending.name,
+                    address=pending.address,
+                    progress=pending.progress,
+                    status=report.status,
+                    message="" if report.ok else report.message,
+                    identifier=report.short_id,
+                    attempt=attempt,
+                    max_attempts=self.max_attempts,
+                    retry_in_s=delay if retry else 0.0,
+                    final=final,
+                )
+            )
             if retry:
-                await asyncio.sleep(self.retry_base_s * 2 ** (attempt - 1))
+                await asyncio.sleep(delay)
                 continue
             if final:
                 self._finished.add(pending.address)
-            log.info("%s: %s (%s)", pending.name, report.status.name, report.message)
             return
 
     async def settle(self) -> None:
@@ -299,6 +360,18 @@ class HubCommissioner:
             self._finished.add(rec.address)
             self.stats.onboarded += 1
             self.changed()
+            self._tell(
+                DeviceOutcome(
+                    name=rec.name,
+                    address=rec.address,
+                    progress=DeviceProgress.ONBOARDED,
+                    status=Status.OK,
+                    message="confirmed by the cloud after the hub restarted",
+                    identifier=device.identifier.hex()[:8],
+                    attempt=rec.attempt,
+                    max_attempts=self.max_attempts,
+                )
+            )
 
     def _settle(
         self, pending: PendingDevice, report: OnboardingReport, retry: bool, attempt: int

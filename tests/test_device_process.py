@@ -159,6 +159,58 @@ async def test_wrong_passphrase_then_right_one_joins_without_a_reset(stack: Stac
     assert info["reset_ctr"] == 0
 
 
+# ---- 2b. what the device's log says -------------------------------------------------------
+
+
+def device_lines(handle: DeviceHandle) -> list[str]:
+    """The device's own lines in its log (stdout and stderr of every run), in order."""
+    assert handle.proc is not None
+    text = handle.proc.log.read_text(errors="replace")
+    return [line for line in text.splitlines() if line.startswith("[device]")]
+
+
+async def test_device_log_tells_each_failed_join_refusal_and_failure_once(stack: Stack) -> None:
+    """It used to say nothing on a failed join and "Provisioned as …" after every refusal."""
+    handle = await new_device(stack)
+    central = BleakCentral()
+    address = (await find(central, handle.name)).address
+    assert await hello_status(central, address) is Status.OK  # M2, then the phone left
+    await wait_show(stack, handle, lambda i: i["failed_sessions"] == 1)
+    delegate = ScriptedCommissioner(choices=[WRONG, GOOD])
+    report = await onboard_after_backoff(stack, central, handle, delegate=delegate)
+    assert report.ok and report.checked_in, report.message
+    await wait_show(stack, handle, lambda i: i["state"] == "active")
+    await find(central, handle.name, state=AdvState.PROVISIONED)
+    for _ in range(2):
+        assert await hello_status(central, address) is Status.WINDOW_CLOSED
+    await restart(stack, handle)
+    await stack.stop_device(handle)  # its log is complete once it has exited
+
+    short, (sas,) = report.short_id, delegate.codes
+    waiting = "waiting for a commissioner (pairing window open)"
+    closed = "pairing window closed; press the pairing button to open it"
+    assert device_lines(handle) == [
+        f"[device] {handle.name}: {waiting}",
+        "[device] Connection from a commissioner failed: 11 protocol_error (disconnected); "
+        f"back-off 1 s after 1 failed session; {waiting}",
+        f"[device] join 'DoorstepHome'? code {sas} — accepting (scripted)",
+        "[device] Could not join Wi-Fi 'DoorstepHome': 3 wifi_auth_failed (the access point "
+        "refused the passphrase); nothing stored, waiting for the commissioner to send other "
+        "credentials or leave",
+        f"[device] Provisioned: joined Wi-Fi 'DoorstepHome' as {short} (epoch 1); "
+        "checking in with the cloud",
+        f"[device] Checked in with the cloud: onboarded as {short} (epoch 1)",
+        f"[device] Refused a commissioner: 10 window_closed; still provisioned as {short} "
+        f"({closed})",
+        f"[device] Refused a commissioner: 10 window_closed; still provisioned as {short} "
+        f"({closed})",
+        f"[device] {handle.name}: provisioned as {short} (epoch 1; {closed})",
+    ]
+    assert handle.proc is not None
+    log = handle.proc.log.read_text(errors="replace")
+    assert GOOD.passphrase not in log and WRONG.passphrase not in log
+
+
 # ---- 3. the device's user rejects -------------------------------------------------------
 
 
@@ -499,3 +551,4 @@ async def test_an_adapter_that_does_not_exist_is_one_line(stack: Stack) -> None:
         "DBUS_SYSTEM_BUS_ADDRESS it prints)\n"
     )
     assert not (handle.state_dir / "device.pid").exists()
+    assert not handle.state_dir.exists()  # no first-boot state saved before the radio

@@ -26,7 +26,7 @@ from device.wifi import WifiEnvironment
 from device_process_helpers import GOOD, hello_status
 from ds1_pair import LocalCloud, make_factory
 from onboarding_helpers import LocalBindService, ScriptedCommissioner, ScriptedDeviceUser
-from phone.commissioner import Onboarding, Stage
+from phone.commissioner import NetworkChoice, Onboarding, Stage
 from protocol.errors import Status
 from protocol.factory import FactoryRecord
 
@@ -183,7 +183,7 @@ async def test_device_show_while_the_device_saves_does_not_break_the_save(
 ) -> None:
     state_dir = tmp_path / "state"
     shown: list[DeviceState] = []
-    armed = [False]  # the construction's save does not count: the device is not running yet
+    armed = [False]  # the start-up save does not count: the device is not serving yet
 
     def show_meanwhile(step: str) -> None:
         # What `doorstep device show --state DIR` does, at the worst moment for the device.
@@ -197,11 +197,11 @@ async def test_device_show_while_the_device_saves_does_not_break_the_save(
     runtime = DeviceRuntime(
         factory, store, air.peripheral(ADDRESS), wifi, ScriptedDeviceUser(), None
     )
-    armed[0] = True
     reader = DeviceStore(state_dir)
-    before = reader.load().gate["window_until"]
     task = asyncio.create_task(runtime.run())
-    await runtime.started.wait()
+    await runtime.started.wait()  # the first save (once the radio is up) is not the one
+    armed[0] = True
+    before = reader.load().gate["window_until"]
     try:
         runtime.press_button()  # a save the owner may well look at with `device show`
         await settle(lambda: task.done() or reader.load().gate["window_until"] != before)
@@ -212,3 +212,81 @@ async def test_device_show_while_the_device_saves_does_not_break_the_save(
         if not task.done():
             runtime.stop()
             await asyncio.wait_for(task, 5)
+
+
+# ---- what the device's user reads ----------------------------------------------------------
+
+WAITING = "waiting for a commissioner (pairing window open)"
+NEXT_CREDENTIALS = "nothing stored, waiting for the commissioner to send other credentials or leave"
+
+
+async def test_each_failed_wifi_join_is_one_line_with_its_code_and_what_comes_next(
+    tmp_path: Path,
+) -> None:
+    """The device used to say nothing when it could not join (wrong passphrase, no network)."""
+    air = MemoryAir()
+    factory = make_factory()
+    cloud = LocalBindService(LocalCloud(factory))
+    user = ScriptedDeviceUser()
+    wrong = NetworkChoice(b"DoorstepHome", "hunter2-not-it", 1)
+    missing = NetworkChoice(b"NoSuchNetwork", "hunter3-elsewhere", 1)
+    async with device(air, factory, tmp_path / "state", user) as runtime:
+        delegate = ScriptedCommissioner(choices=[wrong, missing])  # then it gives up
+        report = await Onboarding(air.central(), cloud, delegate, wait_checkin_s=0).run(ADDRESS)
+        assert report.status is Status.NETWORK_NOT_FOUND
+        await settle(lambda: len(user.messages) == 4)  # the session's end is told, too
+        assert runtime.state.pending is None and runtime.state.active is None
+    assert user.messages == [
+        f"{factory.ble_name}: {WAITING}",
+        "Could not join Wi-Fi 'DoorstepHome': 3 wifi_auth_failed (the access point refused "
+        f"the passphrase); {NEXT_CREDENTIALS}",
+        "Could not join Wi-Fi 'NoSuchNetwork': 2 network_not_found (no network with that name "
+        f"in range); {NEXT_CREDENTIALS}",
+        "Connection from a commissioner failed: 1 rejected_by_user (commissioner closed the "
+        f"session); {WAITING}",
+    ]
+    shown = "\n".join(user.messages)
+    assert "hunter2" not in shown and "hunter3" not in shown
+
+
+async def test_refused_and_failed_connections_are_told_as_such_not_as_a_new_provisioning(
+    tmp_path: Path,
+) -> None:
+    """Each refused or failed connection used to repeat the state line ("Provisioned as …")."""
+    wall = Clock(1_700_000_000.0)
+    air = MemoryAir()
+    factory = make_factory()
+    central = air.central()
+    user = ScriptedDeviceUser()
+    state_dir = tmp_path / "state"
+    async with device(air, factory, state_dir, user, wall_clock=wall):
+        assert await hello_status(central, ADDRESS) is Status.OK  # M2, then it leaves
+        await settle(lambda: len(user.messages) == 2)
+        assert await hello_status(central, ADDRESS) is Status.WINDOW_CLOSED  # backing off
+        await settle(lambda: len(user.messages) == 3)
+        wall.advance(1)
+        cloud = LocalBindService(LocalCloud(factory))
+        report = await Onboarding(
+            central, cloud, ScriptedCommissioner(choices=[GOOD]), wait_checkin_s=0
+        ).run(ADDRESS)
+        assert report.ok, report.message
+        assert await hello_status(central, ADDRESS) is Status.WINDOW_CLOSED  # window closed
+        assert await hello_status(central, ADDRESS) is Status.WINDOW_CLOSED
+        await settle(lambda: len(user.messages) == 6)
+    async with device(air, factory, state_dir, user, wall_clock=wall):
+        pass  # a restart: its state, once
+
+    short = report.short_id
+    backoff = "back-off 1 s after 1 failed session"
+    still = f"still provisioned as {short}, not checking in (no cloud URL)"
+    assert user.messages == [
+        f"{factory.ble_name}: {WAITING}",
+        f"Connection from a commissioner failed: 11 protocol_error (disconnected); {backoff}; "
+        f"{WAITING}",
+        f"Refused a commissioner: 10 window_closed ({backoff}); {WAITING}",
+        f"Provisioned: joined Wi-Fi 'DoorstepHome' as {short} (epoch 1); "
+        "not checking in (no cloud URL)",
+        f"Refused a commissioner: 10 window_closed; {still}",
+        f"Refused a commissioner: 10 window_closed; {still}",
+        f"{factory.ble_name}: provisioned as {short} (epoch 1), not checking in (no cloud URL)",
+    ]

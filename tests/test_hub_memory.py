@@ -16,8 +16,8 @@ from device.runtime import DeviceRuntime
 from device.storage import DeviceStore
 from device.wifi import WifiEnvironment, WifiFaults
 from ds1_pair import LocalCloud, make_factory
-from hub.registry import HubRegistry
-from hub.runtime import DeviceProgress, HubCommissioner, ScriptedOperator
+from hub.registry import HubRegistry, OnboardingRecord
+from hub.runtime import DeviceOutcome, DeviceProgress, HubCommissioner, ScriptedOperator
 from onboarding_helpers import LocalFleetBindService, ScriptedDeviceUser
 from phone.commissioner import NetworkChoice
 from protocol.errors import Status
@@ -57,7 +57,16 @@ async def fleet(tmp_path: Path, count: int, wifi_faults: dict[int, WifiFaults] |
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
 
 
-async def run_hub(air, cloud, tmp_path, operator, expected: int, max_parallel: int = 4):
+async def run_hub(
+    air: MemoryAir,
+    cloud: LocalFleetBindService,
+    tmp_path: Path,
+    operator: ScriptedOperator,
+    expected: int,
+    max_parallel: int = 4,
+) -> tuple[HubCommissioner, list[OnboardingRecord], int, list[str]]:
+    """Run the hub until ``expected`` devices are settled: (hub, registry rows, peak
+    parallel onboardings, the lines the unattended hub prints)."""
     async with HubRegistry(tmp_path / "hub.db") as registry:
         hub = HubCommissioner(
             air.central(),
@@ -71,6 +80,7 @@ async def run_hub(air, cloud, tmp_path, operator, expected: int, max_parallel: i
         )
         stop = asyncio.Event()
         peak = 0
+        lines: list[str] = []  # what the unattended hub prints, one line per outcome
 
         def watch() -> None:
             nonlocal peak
@@ -86,6 +96,7 @@ async def run_hub(air, cloud, tmp_path, operator, expected: int, max_parallel: i
             peak = max(peak, active)
 
         hub.on_change = watch
+        hub.on_outcome = lambda outcome: lines.append(outcome.line())
         task = asyncio.create_task(hub.run(stop))
         for _ in range(1000):
             await asyncio.sleep(0.01)
@@ -99,14 +110,18 @@ async def run_hub(air, cloud, tmp_path, operator, expected: int, max_parallel: i
                 break
         stop.set()
         await asyncio.wait_for(task, 10)
-        return hub, await registry.all(), peak
+        return hub, await registry.all(), peak, lines
 
 
 async def test_hub_onboards_20_devices_4_at_a_time(tmp_path: Path) -> None:
     async with fleet(tmp_path, 20) as (air, cloud, runtimes):
-        hub, rows, peak = await run_hub(air, cloud, tmp_path, ScriptedOperator(True), 20)
+        hub, rows, peak, lines = await run_hub(air, cloud, tmp_path, ScriptedOperator(True), 20)
         assert hub.stats.onboarded == 20, [r.message for r in rows if r.status]
         assert 1 < peak <= 4
+        assert sorted(lines) == sorted(
+            f"{r.name} ({r.address}): onboarded as {r.identifier[:8]}" for r in rows if r.identifier
+        )
+        assert len(lines) == 20
         assert len(cloud.completed) == 20
         assert all(r.final and r.status == 0 for r in rows) and len(rows) == 20
         for rt in runtimes:
@@ -118,20 +133,38 @@ async def test_hub_onboards_20_devices_4_at_a_time(tmp_path: Path) -> None:
 async def test_failed_join_reported_and_not_retried(tmp_path: Path) -> None:
     faults = {0: WifiFaults(dhcp_failure=True)}
     async with fleet(tmp_path, 2, faults) as (air, cloud, runtimes):
-        hub, rows, _ = await run_hub(air, cloud, tmp_path, ScriptedOperator(True), 2)
+        hub, rows, _, lines = await run_hub(air, cloud, tmp_path, ScriptedOperator(True), 2)
         failed = [d for d in hub.devices.values() if d.progress is DeviceProgress.FAILED]
         assert len(failed) == 1 and failed[0].attempts == 1
         row = next(r for r in rows if r.address == failed[0].address)
         assert row.status == Status.NO_IP_ADDRESS and row.final
         assert hub.stats.onboarded == 1
         assert runtimes[0].state.pending is None and runtimes[0].state.active is None
+        broken, healthy = (rt.factory for rt in runtimes)
+        onboarded = next(r for r in rows if r.status == 0)
+        # The log used to give counts only: which device, and why not, is one line each,
+        # with the reason `doorstep hub devices` records.
+        assert row.message
+        assert sorted(lines) == sorted(
+            [
+                f"{broken.ble_name} ({broken.mac_text}): failed: 6 no_ip_address ({row.message})",
+                f"{healthy.ble_name} ({healthy.mac_text}): onboarded as "
+                f"{(onboarded.identifier or '')[:8]}",
+            ]
+        )
 
 
 async def test_rejected_device_stays_untouched_and_advertising(tmp_path: Path) -> None:
     async with fleet(tmp_path, 1) as (air, cloud, runtimes):
         operator = ScriptedOperator(False)
-        hub, rows, _ = await run_hub(air, cloud, tmp_path, operator, 1)
+        hub, rows, _, lines = await run_hub(air, cloud, tmp_path, operator, 1)
         assert hub.stats.rejected == 1 and operator.asked == [runtimes[0].factory.mac_text]
+        factory = runtimes[0].factory
+        assert rows[0].message
+        assert lines == [
+            f"{factory.ble_name} ({factory.mac_text}): rejected: 1 rejected_by_user "
+            f"({rows[0].message})"
+        ]
         assert rows[0].status == Status.REJECTED_BY_USER and rows[0].final
         rt = runtimes[0]
         await asyncio.sleep(0.02)
@@ -177,3 +210,30 @@ async def test_a_device_reset_after_the_hub_onboarded_it_is_onboarded_again(
     assert first is not None and rt.state.active is not None
     assert rt.state.active.identifier != first.identifier  # a new identity, a new bind
     assert [r.status for r in rows] == [0, 0] and len(cloud.completed) == 2
+
+
+def test_outcome_lines_for_a_retry_a_later_try_and_a_hostile_name() -> None:
+    """What the unattended hub prints for the outcomes the fleets above do not produce."""
+    retry = DeviceOutcome(
+        "Doorstep-01A2", "C8:2B:96:1A:01:A2", DeviceProgress.RETRYING, Status.TIMED_OUT,
+        "The device did not answer in time.", attempt=1, max_attempts=3, retry_in_s=2.0,
+    )  # fmt: skip
+    assert retry.line() == (
+        "Doorstep-01A2 (C8:2B:96:1A:01:A2): attempt 1/3 failed: 13 timed_out "
+        "(The device did not answer in time.); retrying in 2 s"
+    )
+    later = DeviceOutcome(
+        "Doorstep-01A3", "C8:2B:96:1A:01:A3", DeviceProgress.FAILED, Status.WINDOW_CLOSED,
+        "The device is not in pairing mode.", final=False,
+    )  # fmt: skip
+    assert later.line() == (
+        "Doorstep-01A3 (C8:2B:96:1A:01:A3): failed: 10 window_closed (The device is not in "
+        "pairing mode.); will try again once its pairing window is open"
+    )
+    hostile = DeviceOutcome(
+        "Doorstep-\x1b[2J", "C8:2B:96:1A:01:A4", DeviceProgress.FAILED, Status.PROTOCOL_ERROR,
+        "bad\nline",
+    )  # fmt: skip
+    assert hostile.line() == (
+        "Doorstep-?[2J (C8:2B:96:1A:01:A4): failed: 11 protocol_error (bad?line)"
+    )

@@ -20,8 +20,11 @@ from ble.bleak_central import BleakCentral
 from ble.profile import AdvState
 from cloud.client import CloudClient
 from demo.stack import DeviceHandle, Stack
+from device.storage import DeviceStore
 from hub_process_helpers import (
+    HOME_PASSPHRASE,
     HUB_MODEL,
+    HubProcess,
     advertised,
     device_show,
     onboarded_hub,
@@ -39,6 +42,27 @@ def use_stack_bus(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     """Let a BleakCentral in this process reach the simulator (restored after the test)."""
     for key, value in stack.env.items():
         monkeypatch.setenv(key, value)
+
+
+def broken_log(handle: DeviceHandle) -> str:
+    assert handle.proc is not None
+    return handle.proc.log.read_text(errors="replace")
+
+
+def device_lines(handle: DeviceHandle) -> list[str]:
+    """What the device told its user (its ``[device]`` lines), in order."""
+    return [line for line in broken_log(handle).splitlines() if line.startswith("[device]")]
+
+
+def hub_lines(hub: HubProcess) -> list[str]:
+    """What the hub printed (its ``[hub]`` lines), in order."""
+    return [line for line in hub.log_text().splitlines() if line.startswith("[hub]")]
+
+
+def hub_identifier(hub: HubProcess) -> str:
+    active = DeviceStore(hub.state_dir).load().active
+    assert active is not None
+    return active.identifier.hex()[:8]
 
 
 def prompts(handle: DeviceHandle) -> int:
@@ -116,6 +140,34 @@ async def test_failed_wifi_join_is_reported_once_and_not_retried(tmp_path: Path)
         assert prompts(broken) == 1
         shown = await device_show(stack, broken.state_dir)
         assert shown["state"] == "unprovisioned" and shown["pending_identifier"] is None
+
+        # The hub's log names each device and, for the failure, its code and reason (it
+        # used to print counts only); the counts follow as a summary.
+        await hub.wait_line("onboarded 1, failed 1, rejected 0", timeout=10)
+        good = by_name[healthy.name]
+        assert failed["message"]  # the reason `doorstep hub devices` gives
+        outcomes = {
+            f"[hub] {broken.name} ({failed['address']}): failed: 6 no_ip_address "
+            f"({failed['message']})",
+            f"[hub] {healthy.name} ({good['address']}): onboarded as {good['identifier'][:8]}",
+        }
+        said = hub_lines(hub)
+        assert said[:2] == [
+            "[hub] not onboarded yet: advertising as a device for the phone app",
+            f"[hub] onboarded as {hub_identifier(hub)}; accepting devices",
+        ]
+        assert {said[2], said[4]} == outcomes and said[5:] == [
+            "[hub] onboarded 1, failed 1, rejected 0"
+        ]
+        # The device says it, too: the join that failed, then what it does next.
+        await stack.stop_device(broken)
+        assert device_lines(broken)[2:] == [
+            "[device] Could not join Wi-Fi 'DoorstepHome': 6 no_ip_address (no DHCP answer); "
+            "nothing stored, waiting for the commissioner to send other credentials or leave",
+            "[device] Connection from a commissioner failed: 1 rejected_by_user (commissioner "
+            "closed the session); waiting for a commissioner (pairing window open)",
+        ]
+        assert HOME_PASSPHRASE not in hub.log_text() + broken_log(broken)
 
 
 async def test_rejected_device_stays_untouched_and_advertising(
@@ -295,3 +347,9 @@ async def test_device_onboarded_as_the_hub_dies_is_listed_by_the_restarted_hub(
         rows = await hub.devices()
         assert [r["name"] for r in rows] == [device.name]
         assert rows[0]["status"] == 0 and rows[0]["final"]  # settled against the cloud
+        (row,) = rows
+        await hub.wait_line(
+            f"[hub] {device.name} ({row['address']}): onboarded as {row['identifier'][:8]} "
+            "(confirmed by the cloud after the hub restarted)",
+            timeout=10,
+        )
