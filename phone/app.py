@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, TypeVar
 
 from textual import work
 from textual.app import App
@@ -47,6 +47,7 @@ from phone.config import ConfigError, ConfigStore, PhoneConfig
 from phone.history import History
 from protocol.commissioner_side import ProvisionFailed
 from protocol.crypto import RandomSource
+from protocol.display import printable
 from protocol.messages import Network
 
 # ---- what the app needs from the cloud (phone.cloudlink implements it) ---------------------
@@ -249,6 +250,8 @@ class PairingFinished(Message):
 
 # ---- the delegate: user decisions as screens (STYLE.md §7) ------------------------------------
 
+R = TypeVar("R")
+
 
 @dataclass
 class PhoneDelegate:
@@ -261,13 +264,25 @@ class PhoneDelegate:
     codes: list[str] = field(default_factory=list)
 
     async def stage_changed(self, stage: Stage, state: StageState, detail: str) -> None:
-        self.app.post_message(StageUpdate(stage, state, _printable(detail)))
+        self.app.post_message(StageUpdate(stage, state, printable(detail)))
+
+    async def _ask(self, screen: Screen[R]) -> R:
+        """Show ``screen`` and wait for its answer. Cancelled (the device went away
+        meanwhile, or the pairing was cancelled), the screen is taken down at once:
+        nobody is left answering a question that no longer matters."""
+        try:
+            return await self.app.push_screen_wait(screen)
+        except asyncio.CancelledError:
+            if self.app.screen is screen:
+                # Popped, not dismissed: the answer's future is already cancelled.
+                self.app.pop_screen()
+            raise
 
     async def confirm_code(self, device: DeviceSummary, sas: str) -> bool:
         from phone.screens import ConfirmCodeScreen
 
         self.codes.append(sas)
-        accepted = await self.app.push_screen_wait(ConfirmCodeScreen(device, sas))
+        accepted = await self._ask(ConfirmCodeScreen(device, sas))
         return bool(accepted)
 
     async def choose_network(
@@ -277,7 +292,7 @@ class PhoneDelegate:
 
         self.last_failure = failure
         previous = self.last_choice
-        choice: NetworkChoice | None = await self.app.push_screen_wait(
+        choice: NetworkChoice | None = await self._ask(
             ChooseNetworkScreen(
                 networks,
                 failure,
@@ -290,11 +305,6 @@ class PhoneDelegate:
         else:
             self.last_choice = choice
         return choice
-
-
-def _printable(text: str) -> str:
-    """Peer strings (device PROGRESS details) are shown, so drop control characters."""
-    return "".join(ch if ch.isprintable() else "?" for ch in text)[:64]
 
 
 # ---- the app ----------------------------------------------------------------------------------

@@ -5,12 +5,16 @@
 --passphrase-env VAR) [--security N] [--yes] [--json] [--scan-timeout S]``
 pairs one device without a screen: one line per stage (stderr with
 ``--json``, else stdout), the §4 status as the exit code (0 ok), and with
-``--json`` a summary object on stdout. Exit codes: 0–14 the DS1 status; 2 also
-for usage errors (bad arguments, unreadable passphrase file, a passphrase
-that does not fit ``--security``, no cloud configured); 20 for failures outside
-DS1 (cloud unreachable or refusing the token, no Bluetooth adapter), which
-``--json`` also reports on stdout in the summary's shape (``status`` null,
-``status_name`` the cause, ``exit_code`` 20); 130 when interrupted.
+``--json`` a summary object on stdout. Exit codes (``EXIT_CODES``, also in
+``--help``): 0–14 the DS1 status, always about the device or the session with
+it; 2 also for usage errors (bad arguments, unreadable passphrase file, a
+passphrase that does not fit ``--security``, no cloud configured); 20 for
+failures outside DS1 (the cloud unreachable or failing, refusing the token,
+no Bluetooth adapter; a device that joined but whose pairing the cloud could
+not be told of), which ``--json`` reports in the same summary with ``status``
+null and ``status_name`` the cause (e.g. ``cloud_unavailable``,
+``unauthorized``); 130 when interrupted (Ctrl-C), with ``--json`` a summary
+whose ``status_name`` is ``cancelled``.
 
 Cloud settings: flags, then ``DOORSTEP_CLOUD_URL``/``DOORSTEP_TOKEN``, then
 the saved settings file (``phone.config``). The passphrase and the token are
@@ -28,7 +32,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
 
 from ble.errors import BLUETOOTH_HINT, unusable_bluetooth
@@ -45,9 +49,27 @@ from phone.config import (
 from protocol.errors import DS1Error, UnsupportedSecurity, WifiParameterError
 from protocol.wifi import Security, validate_wifi
 
+if TYPE_CHECKING:
+    from phone.commissioner import OnboardingReport
+
 EXIT_USAGE = 2
 EXIT_ENVIRONMENT = 20
 EXIT_INTERRUPTED = 130
+
+EXIT_CODES = """\
+exit status:
+  0         onboarded
+  1-14      the DS1 status of the failure (the device or the session with it):
+            1 rejected, 2 network not found, 3 Wi-Fi passphrase refused,
+            4 unsupported security, 5 join timed out, 6 no IP address,
+            8 identity refused, 9 busy, 10 not in pairing mode,
+            11 protocol error or link lost, 12 device not verified,
+            13 timed out or device not found, 14 invalid Wi-Fi parameters
+  2         also a usage error (arguments, passphrase file, no cloud configured)
+  20        outside DS1: the cloud unreachable or failing, the token refused,
+            no Bluetooth adapter (--json: status null, status_name the cause)
+  130       interrupted (--json: status null, status_name "cancelled")
+"""
 
 
 class UsageError(Exception):
@@ -79,7 +101,12 @@ def add_parser(subparsers: Any) -> None:
     phone.set_defaults(func=cmd_app)
     sub = phone.add_subparsers(dest="phone_command", metavar="COMMAND")
 
-    pair = sub.add_parser("pair", help="pair one device without the app (for scripts)")
+    pair = sub.add_parser(
+        "pair",
+        help="pair one device without the app (for scripts)",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _cloud_options(pair, suppress=True)
     pair.add_argument("--device", required=True, help="advertised name or BLE address")
     pair.add_argument("--ssid", required=True, help="the Wi-Fi network for the device")
@@ -227,8 +254,12 @@ async def pair_main(
     cloud: Any = None,
     stdin: TextIO | None = None,
 ) -> int:
-    """``doorstep phone pair``; tests pass ``central``/``cloud`` (else BlueZ and the cloud)."""
-    from phone.pair import pair, summary, terminal_ask
+    """``doorstep phone pair``; tests pass ``central``/``cloud`` (else BlueZ and the cloud).
+
+    Cancelled (Ctrl-C: ``asyncio.run`` cancels this task), it reports how far the
+    pairing got, like any other outcome, and returns ``EXIT_INTERRUPTED``.
+    """
+    from phone.pair import Pairing, terminal_ask
 
     progress = stderr if args.json else stdout
     try:
@@ -260,21 +291,24 @@ async def pair_main(
             cloud = make_cloud(config)
     except Exception as exc:
         return _environment_failure(args, stdout, stderr, "cannot_start", f"cannot start: {exc}")
+    pairing = Pairing(
+        central,
+        cloud,
+        args.device,
+        ssid,
+        passphrase,
+        yes=args.yes,
+        out=progress,
+        security=int(Security.WPA2_PSK) if args.security is None else args.security,
+        scan_timeout=args.scan_timeout,
+        wait_checkin_s=args.wait_checkin,
+        ask=None if stdin is None else terminal_ask(progress, stdin),
+    )
     try:
-        report = await pair(
-            central,
-            cloud,
-            args.device,
-            ssid,
-            passphrase,
-            yes=args.yes,
-            out=progress,
-            security=int(Security.WPA2_PSK) if args.security is None else args.security,
-            scan_timeout=args.scan_timeout,
-            wait_checkin_s=args.wait_checkin,
-            ask=None if stdin is None else terminal_ask(progress, stdin),
-        )
-    except Exception as exc:  # outside DS1: the cloud unreachable, the token refused, no adapter
+        report = await pairing.run()
+    except asyncio.CancelledError:  # Ctrl-C; the flow has closed the session on its way out
+        report = pairing.interrupted()
+    except Exception as exc:  # outside DS1 before the flow: no adapter, the scan cannot start
         if (problem := unusable_bluetooth(exc)) is not None:
             return _environment_failure(
                 args, stdout, stderr, "bluetooth_unavailable", problem, BLUETOOTH_HINT
@@ -284,23 +318,45 @@ async def pair_main(
     finally:
         closer = getattr(cloud, "aclose", None)
         if closer is not None:
-            with contextlib.suppress(Exception):
-                await closer()
+            # The outcome is decided: a Ctrl-C now does not lose its report.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(closer())
+    exit_code = exit_status(report)
+    print(outcome_line(report, args), file=progress)
+    if args.json:
+        _print_json(pairing.json_summary(report, exit_code=exit_code), stdout)
+    return exit_code
+
+
+def exit_status(report: OnboardingReport) -> int:
+    """The exit status for an ``OnboardingReport`` (``EXIT_CODES``)."""
+    if report.cancelled:
+        return EXIT_INTERRUPTED
+    if report.outside_ds1 and not report.ok:
+        return EXIT_ENVIRONMENT
+    return int(report.status)
+
+
+def outcome_line(report: OnboardingReport, args: argparse.Namespace) -> str:
+    """The last line of ``phone pair``'s output: the outcome in words and what to do next."""
     if report.ok:
         who = report.device.name if report.device else args.device
-        print(
-            f"Onboarded {who}: identifier {report.short_id}, {report.total_s:.1f} s", file=progress
-        )
+        line = f"Onboarded {who}: identifier {report.short_id}, {report.total_s:.1f} s"
         if args.wait_checkin > 0 and not report.checked_in:
-            print(f"{report.message} {report.hint}", file=progress)
+            line += f"\n{report.message} {report.hint}"
+        return line
+    if report.cancelled:
+        return report.message
+    if report.outside_ds1:
+        line = f"Failed ({report.cause}): {report.message}"
     else:
         line = f"Failed ({int(report.status)} {report.status.name.lower()}): {report.message}"
-        if report.hint:
-            line += f" — {report.hint}"
-        print(line, file=progress)
-    if args.json:
-        print(json.dumps(summary(report, args.device), indent=2), file=stdout)
-    return int(report.status)
+    return f"{line} — {report.hint}" if report.hint else line
+
+
+def _print_json(body: dict[str, object], stdout: TextIO) -> None:
+    stdout.write(json.dumps(body, indent=2) + "\n")  # one write: never half a summary
+    stdout.flush()
 
 
 def failure_summary(device: str, code: str, message: str, hint: str = "") -> dict[str, object]:
@@ -312,9 +368,10 @@ def failure_summary(device: str, code: str, message: str, hint: str = "") -> dic
     from phone.pair import summary
     from protocol.errors import Status
 
-    body = summary(OnboardingReport(Status.PROTOCOL_ERROR, Stage.CONNECT, message, hint), device)
-    body.update(status=None, status_name=code, exit_code=EXIT_ENVIRONMENT)
-    return body
+    report = OnboardingReport(
+        Status.PROTOCOL_ERROR, Stage.CONNECT, message, hint, cause=code, outside_ds1=True
+    )
+    return summary(report, device, exit_code=EXIT_ENVIRONMENT)
 
 
 def _environment_failure(
@@ -328,8 +385,7 @@ def _environment_failure(
     """Exit 20: one line on stderr, and with ``--json`` the failure's summary on stdout."""
     print(f"doorstep phone pair: {message}{f' ({hint})' if hint else ''}", file=stderr)
     if args.json:
-        body = failure_summary(args.device, code, message, hint)
-        print(json.dumps(body, indent=2), file=stdout)
+        _print_json(failure_summary(args.device, code, message, hint), stdout)
     return EXIT_ENVIRONMENT
 
 

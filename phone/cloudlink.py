@@ -37,6 +37,13 @@ class CloudRefused(DS1Error):
         self.hint = hint
         #: the cloud could not be reached or failed itself: the same request may succeed later
         self.transient = transient
+        #: not about the device: the cloud unreachable or failing, or refusing our
+        #: credentials. ``status`` is only the nearest DS1 one (``phone pair`` exits 20).
+        self.outside_ds1 = transient or code in _CREDENTIAL_REFUSALS
+
+
+# The cloud refusing the commissioner itself (a phone's token, a hub's signature).
+_CREDENTIAL_REFUSALS = frozenset({"unauthorized", "bad_signature", "clock_skew", "hub_unowned"})
 
 
 _CLOUD_HINTS: dict[str, str] = {

@@ -9,7 +9,13 @@ and the hub all run this same flow; they differ only in their delegate.
 It never raises for an outcome a user should see: it returns an
 ``OnboardingReport`` with the DS1 status, the stage it ended in, per-stage
 timings, and what went over the air. Cancelling the task closes the session
-cleanly (CLOSE, disconnect) so the device returns to advertising.
+cleanly (CLOSE, disconnect) so the device returns to advertising; the report
+then says how far it got (``cancelled``).
+
+While the user decides (confirm the code, choose a network) the link is still
+read: a device that disconnects or ends the session meanwhile ends the flow at
+once, in that stage, and the delegate's question is cancelled (its prompt or
+dialog abandoned) instead of being noticed only after the answer.
 """
 
 from __future__ import annotations
@@ -18,12 +24,12 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-from ble.errors import LinkError, LinkTimeout
+from ble.errors import Disconnected, LinkError, LinkTimeout
 from ble.transport import Central, CentralLink
 from protocol.commissioner_side import (
     Authenticated,
@@ -37,9 +43,12 @@ from protocol.commissioner_side import (
     SessionEnded,
 )
 from protocol.crypto import RandomSource
+from protocol.display import printable
 from protocol.errors import DS1Error, Status
 from protocol.handshake import BindStartRequest
 from protocol.messages import Network
+
+T = TypeVar("T")
 
 
 class Stage(Enum):
@@ -110,7 +119,11 @@ class NetworkChoice:
 
 @dataclass(frozen=True)
 class DeviceSummary:
-    """What the user is asked to confirm (§5.5)."""
+    """What the user is asked to confirm (§5.5).
+
+    ``model`` and ``dev_id`` come from the cloud's answer; a device known only
+    from its advertisement (a refusal before that answer) has them empty.
+    """
 
     name: str
     address: str
@@ -157,6 +170,13 @@ class OnboardingReport:
     total_s: float = 0.0
     stats: LinkStats = field(default_factory=LinkStats)
     handshake_round_trips: int = 0
+    #: the stable code of the error that ended it ("" when none did), e.g. ``disconnected``
+    cause: str = ""
+    #: ended by something that is neither the device nor DS1: the cloud unreachable or
+    #: failing, or refusing this commissioner's credentials (``phone pair`` exits 20)
+    outside_ds1: bool = False
+    #: the task was cancelled (the user cancelled, Ctrl-C): ``stage`` is where it stopped
+    cancelled: bool = False
 
     @property
     def ok(self) -> bool:
@@ -178,8 +198,8 @@ class OnboardingReport:
             else {
                 "name": self.device.name,
                 "address": self.device.address,
-                "model": self.device.model,
-                "dev_id": self.device.dev_id.hex(),
+                "model": self.device.model or None,  # None: the cloud did not say
+                "dev_id": self.device.dev_id.hex() or None,
             },
             "identifier": self.identifier.hex() if self.identifier else None,
             "epoch": self.epoch,
@@ -240,8 +260,23 @@ HINTS: dict[Status, tuple[str, str]] = {
 }
 
 
+# A link that drops (the device switched off, reset or out of range) is not a protocol fault.
+LINK_LOST_HINT = "Check that the device is still on and in range, then try again."
+
+
 def explain(status: Status) -> tuple[str, str]:
     return HINTS.get(status, ("Done.", "")) if status is not Status.OK else ("Onboarded.", "")
+
+
+def device_ended(status: Status, reason: str) -> str:
+    """The report's message when the device ended the session: the status in plain
+    words, as for every other outcome, plus the device's own words when they add
+    something (a refusal's reason is just the status's name)."""
+    what = explain(status)[0]
+    said = printable(reason).strip().rstrip(".")
+    if not said or said.lower() in (status.describe.lower(), what.lower().rstrip(".")):
+        return what
+    return f"{what} The device said: {said}."
 
 
 class _CountingLink:
@@ -283,12 +318,15 @@ class CompletionUnconfirmed(DS1Error):
         )
         self.status = status
         self.hint = "Check your devices in a minute; pair it again only if it does not appear."
+        #: DS1 succeeded; only the cloud was not reached (``phone pair`` exits 20)
+        self.outside_ds1 = True
 
 
 class OnboardingError(Exception):
-    def __init__(self, status: Status, message: str) -> None:
+    def __init__(self, status: Status, message: str, code: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.code = code or status.name.lower()
 
 
 class Onboarding:
@@ -317,6 +355,7 @@ class Onboarding:
         self._stage_started = 0.0
         self._session: CommissionerSession | None = None
         self._link: _CountingLink | None = None
+        self._failure_shown: tuple[Stage, str] | None = None  # told the delegate already
 
     # ---- stages ----------------------------------------------------------------
 
@@ -329,15 +368,24 @@ class Onboarding:
         self.report.stage = stage
         await self.delegate.stage_changed(stage, StageState.RUNNING, detail)
 
-    async def _fail(self, status: Status, message: str, hint: str = "") -> OnboardingReport:
+    async def _fail(
+        self, status: Status, message: str, hint: str = "", *, cause: str = ""
+    ) -> OnboardingReport:
         if self._stage_started:
             self.report.timings.setdefault(self._stage, self.clock() - self._stage_started)
         what, status_hint = explain(status)
         self.report.status = status
         self.report.message = message or what
         self.report.hint = hint or status_hint
-        await self.delegate.stage_changed(self._stage, StageState.FAILED, self.report.message)
+        self.report.cause = cause or status.name.lower()
+        if self._failure_shown != (self._stage, self.report.message):
+            await self.delegate.stage_changed(self._stage, StageState.FAILED, self.report.message)
         return self.report
+
+    async def _stage_failed(self, stage: Stage, detail: str) -> None:
+        """A stage failed but the flow goes on (a Wi-Fi join the user may retry)."""
+        self._failure_shown = (stage, detail)
+        await self.delegate.stage_changed(stage, StageState.FAILED, detail)
 
     # ---- link plumbing ----------------------------------------------------------
 
@@ -360,7 +408,9 @@ class Onboarding:
                 data = await self._link.receive(0.2)
                 for event in self._session.receive_fragment(data):
                     if isinstance(event, SessionEnded) and event.by_device:
-                        raise OnboardingError(event.status, event.reason)
+                        raise OnboardingError(
+                            event.status, device_ended(event.status, event.reason)
+                        )
 
     async def _next_events(self) -> list[CommissionerEvent]:
         """Wait for the device until the session produces events (or a timer fires)."""
@@ -385,13 +435,46 @@ class Onboarding:
             await self._flush()
 
     async def _expect(self, *kinds: type) -> CommissionerEvent:
-        """The next event, which must be one of ``kinds`` (SessionEnded is raised)."""
+        """The next event, which must be one of ``kinds`` (SessionEnded is raised).
+
+        With no ``kinds`` it waits until the session ends or the link fails.
+        """
         while True:
             for event in await self._next_events():
                 if isinstance(event, SessionEnded):
-                    raise OnboardingError(event.status, event.reason if event.by_device else "")
+                    if event.by_device:
+                        raise OnboardingError(
+                            event.status, device_ended(event.status, event.reason)
+                        )
+                    raise OnboardingError(event.status, "")
                 if isinstance(event, kinds):
                     return event
+
+    async def _ask(self, question: Awaitable[T], doing: str) -> T:
+        """The user's answer to ``question``, while the link is watched.
+
+        A device that disconnects or ends the session before the answer ends the
+        flow now, in the current stage; ``question`` is then cancelled, which is
+        how a delegate learns to take its prompt or dialog down.
+        """
+        assert self._session is not None
+        answer = asyncio.ensure_future(question)
+        watch = asyncio.ensure_future(self._expect())
+        try:
+            await asyncio.wait((answer, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (answer, watch):
+                task.cancel()
+            # Let both unwind (the delegate removes its prompt) before going on.
+            await asyncio.gather(answer, watch, return_exceptions=True)
+        if watch.done() and not watch.cancelled() and watch.exception() is not None:
+            problem = watch.exception()
+            if isinstance(problem, Disconnected):
+                self._session.connection_lost()
+                raise Disconnected(f"the device disconnected while {doing}") from None
+            assert problem is not None
+            raise problem
+        return answer.result()
 
     # ---- the flow ----------------------------------------------------------------
 
@@ -401,12 +484,26 @@ class Onboarding:
         try:
             return await self._run(address, name or address)
         except OnboardingError as exc:
-            return await self._fail(exc.status, str(exc))
+            return await self._fail(exc.status, str(exc), cause=exc.code)
         except DS1Error as exc:
-            return await self._fail(exc.status, exc.message, getattr(exc, "hint", ""))
+            hint = LINK_LOST_HINT if isinstance(exc, Disconnected) else getattr(exc, "hint", "")
+            self.report.outside_ds1 = bool(getattr(exc, "outside_ds1", False))
+            return await self._fail(exc.status, exc.message, hint, cause=exc.code)
+        except asyncio.CancelledError:
+            self._cancelled()
+            raise
         finally:
             self.report.total_s = self.clock() - started
             await self._shutdown()
+
+    def _cancelled(self) -> None:
+        """How far a cancelled flow got: the stage it was in, timed until now."""
+        if self._stage_started:
+            self.report.timings.setdefault(self._stage, self.clock() - self._stage_started)
+        self.report.cancelled = True
+        self.report.message = "Cancelled."
+        self.report.hint = ""
+        self.report.cause = "cancelled"
 
     async def _shutdown(self) -> None:
         """Always leave the device clean: CLOSE if the session is open, then disconnect."""
@@ -459,21 +556,36 @@ class Onboarding:
             networks = scan.networks
 
         await self._enter(Stage.CONFIRM, auth.sas)
-        if not await self.delegate.confirm_code(device, auth.sas):
+        confirmed = await self._ask(
+            self.delegate.confirm_code(device, auth.sas), "the code was being confirmed"
+        )
+        if not confirmed:
             session.close(Status.REJECTED_BY_USER)
             await self._flush_quietly()
             raise OnboardingError(Status.REJECTED_BY_USER, "You rejected the code.")
 
         failure: ProvisionFailed | None = None
+        await self._enter(Stage.NETWORK)
         while True:
-            await self._enter(Stage.NETWORK)
-            choice = await self.delegate.choose_network(networks, failure)
+            asked = self.clock()
+            choice = await self._ask(
+                self.delegate.choose_network(networks, failure), "the network was being chosen"
+            )
             if choice is None:
                 session.close(Status.REJECTED_BY_USER)
                 await self._flush_quietly()
-                if failure is not None:  # gave up after a failed join: report why
+                if failure is not None:
+                    # Gave up after a failed join: the outcome is that join's, in its stage.
                     raise OnboardingError(failure.status, explain(failure.status)[0])
                 raise OnboardingError(Status.REJECTED_BY_USER, "Cancelled.")
+            if failure is not None:
+                # Another try: NETWORK (this choice) and JOIN are timed anew.
+                self.report.timings.pop(Stage.NETWORK, None)
+                self.report.timings.pop(Stage.JOIN, None)
+                self._stage, self._stage_started = Stage.NETWORK, asked
+                self.report.stage = Stage.NETWORK
+                self._failure_shown = None
+                await self.delegate.stage_changed(Stage.NETWORK, StageState.RUNNING, "")
             await self._enter(Stage.JOIN, choice.ssid.decode("utf-8", "replace"))
             session.provision(choice.ssid, choice.passphrase, choice.security)
             await self._flush()
@@ -481,13 +593,9 @@ class Onboarding:
             if isinstance(outcome, ProvisionSucceeded):
                 break
             failure = outcome
-            # The failed attempt is not a finished stage: the retry times NETWORK and JOIN anew.
-            self.report.timings.pop(Stage.NETWORK, None)
-            self.report.timings.pop(Stage.JOIN, None)
-            self._stage_started = 0.0
-            await self.delegate.stage_changed(
-                Stage.JOIN, StageState.FAILED, explain(outcome.status)[0]
-            )
+            # The failed join stays the current stage, timed, until the user tries again.
+            self.report.timings[Stage.JOIN] = self.clock() - self._stage_started
+            await self._stage_failed(Stage.JOIN, explain(outcome.status)[0])
         self.report.handshake_round_trips = self.report.stats.round_trips
 
         try:

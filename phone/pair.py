@@ -1,15 +1,18 @@
-"""Non-interactive pairing (``doorstep phone pair``), also used by the hub, demo and bench.
+"""Non-interactive pairing (``doorstep phone pair``).
 
-``pair`` scans until the named device (advertised name or address) is seen,
-runs the same ``Onboarding`` flow as the app with a delegate that answers
-from its arguments, and writes one line per stage with its timing to ``out``.
-The code confirmation (§5.5) is asked on the terminal unless ``yes``. The
-security type is the device's own scan result for that SSID when present,
+``Pairing`` scans until the named device (advertised name or address) is
+seen, runs the same ``Onboarding`` flow as the app with a delegate that
+answers from its arguments, and writes one line per stage with its timing to
+``out``. The code confirmation (§5.5) is asked on the terminal unless ``yes``;
+the question is abandoned (its line ended) when the device goes away first.
+The security type is the device's own scan result for that SSID when present,
 else ``security``; the choice is validated (§4) before it is sent.
 
 A Wi-Fi failure is final here (no one to ask for another passphrase): the
-report then carries that failure's status (2–6), not "rejected by the user".
-The passphrase is never written anywhere.
+report then carries that failure's status (2–6), in the "Join Wi-Fi" stage,
+not "rejected by the user". A device that is not found is reported with the
+devices that were seen instead. Cancelled (Ctrl-C), ``Pairing.interrupted``
+says how far it got. The passphrase is never written anywhere.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from ble.profile import Sighting
+from ble.profile import AdvState, Sighting
 from ble.transport import Central
 from phone.commissioner import (
     BindService,
@@ -36,6 +39,7 @@ from phone.commissioner import (
 )
 from protocol.commissioner_side import ProvisionFailed
 from protocol.crypto import RandomSource
+from protocol.display import printable
 from protocol.errors import Status, UnsupportedSecurity, WifiParameterError
 from protocol.messages import Network
 from protocol.wifi import validate_wifi
@@ -43,10 +47,6 @@ from protocol.wifi import validate_wifi
 AskCode = Callable[[DeviceSummary, str], Awaitable[bool]]
 
 STAGES: tuple[Stage, ...] = tuple(Stage)
-
-
-def _printable(text: str) -> str:
-    return "".join(ch if ch.isprintable() else "?" for ch in text)[:64]
 
 
 def matches(sighting: Sighting, device: str) -> bool:
@@ -61,14 +61,20 @@ async def find_device(
     *,
     clock: Callable[[], float] = time.monotonic,
     window_s: float = 2.0,
+    seen: dict[str, Sighting] | None = None,
 ) -> Sighting | None:
-    """Scan until ``device`` (name or address, any case) is seen, or ``timeout`` passes."""
+    """Scan until ``device`` (name or address, any case) is seen, or ``timeout`` passes.
+
+    ``seen`` collects the latest sighting of every device seen meanwhile, by address.
+    """
     deadline = clock() + timeout
     while True:
         remaining = deadline - clock()
         if remaining <= 0:
             return None
         async for sighting in central.scan(timeout=min(window_s, remaining)):
+            if seen is not None:
+                seen[sighting.address] = sighting
             if matches(sighting, device):
                 return sighting
             if clock() >= deadline:
@@ -76,15 +82,93 @@ async def find_device(
         await asyncio.sleep(0.05)
 
 
+def in_pairing_mode(sighting: Sighting) -> bool:
+    return sighting.status.window_open and sighting.status.state is not AdvState.BUSY
+
+
+def _by_name(seen: Iterable[Sighting]) -> list[Sighting]:
+    return sorted(seen, key=lambda s: (printable(s.name) or s.address, s.address))
+
+
+def describe_seen(seen: Iterable[Sighting]) -> list[str]:
+    """The devices seen while scanning, one line each (peer names made printable)."""
+    lines = []
+    for s in _by_name(seen):
+        mode = "in pairing mode" if in_pairing_mode(s) else "not in pairing mode"
+        if s.status.state is AdvState.BUSY:
+            mode += " (busy with another phone or hub)"
+        lines.append(
+            f"  {printable(s.name) or '(no name)':<18} {s.address}  {s.rssi:>4} dBm  {mode}"
+        )
+    return lines
+
+
+def seen_json(seen: Iterable[Sighting]) -> list[dict[str, object]]:
+    return [
+        {
+            "name": printable(s.name),
+            "address": s.address,
+            "rssi": s.rssi,
+            "state": s.status.state.name.lower(),
+            "pairing_mode": in_pairing_mode(s),
+        }
+        for s in _by_name(seen)
+    ]
+
+
+async def read_line(source: TextIO) -> str:
+    """One line from ``source`` without blocking the event loop, and cancellable.
+
+    A terminal or a pipe is waited on with the loop's reader (a thread blocked in
+    ``readline`` could not be abandoned: it would hold the process until Enter);
+    a regular file, ``/dev/null`` or an in-memory stream never blocks: read at once.
+    """
+    try:
+        fd = source.fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation: no file descriptor
+        return source.readline()
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    while b"\n" not in data:
+        readable: asyncio.Future[None] = loop.create_future()
+
+        def wake(ready: asyncio.Future[None] = readable) -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        try:
+            loop.add_reader(fd, wake)
+        except (OSError, ValueError, NotImplementedError):  # cannot be polled: never blocks
+            return source.readline()
+        try:
+            await readable
+        finally:
+            loop.remove_reader(fd)
+        chunk = os.read(fd, 1024)
+        if not chunk:  # end of input
+            break
+        data += chunk
+    return data.decode("utf-8", "replace").split("\n", 1)[0]
+
+
 def terminal_ask(out: TextIO, stdin: TextIO | None = None) -> AskCode:
-    """Ask the code question on ``out``; read the answer from ``stdin`` (EOF means no)."""
+    """Ask the code question on ``out``; read the answer from ``stdin`` (EOF means no).
+
+    Cancelled (the device went away, Ctrl-C), the question's line is ended, so
+    what follows starts on a line of its own.
+    """
 
     async def ask(device: DeviceSummary, sas: str) -> bool:
         code = f"{sas[:3]} {sas[3:]}"
-        out.write(f"Device {device.name} ({device.model}) — does it show the code {code}? [y/N] ")
+        who = f"{printable(device.name)} ({printable(device.model)})"
+        out.write(f"Device {who} — does it show the code {code}? [y/N] ")
         out.flush()
-        source = stdin or sys.stdin
-        line = await asyncio.to_thread(source.readline)
+        try:
+            line = await read_line(stdin or sys.stdin)
+        except asyncio.CancelledError:
+            out.write("\n")
+            out.flush()
+            raise
         return line.strip().lower() in ("y", "yes")
 
     return ask
@@ -115,7 +199,7 @@ class ScriptedPairing:
 
     async def stage_changed(self, stage: Stage, state: StageState, detail: str) -> None:
         now = self.clock()
-        detail = _printable(detail)
+        detail = printable(detail)
         if state is StageState.RUNNING:
             index = STAGES.index(stage)
             for earlier in STAGES[:index]:
@@ -182,65 +266,176 @@ def _settle(report: OnboardingReport, delegate: ScriptedPairing) -> OnboardingRe
     return report
 
 
-def not_found_report(device: str, timeout: float) -> OnboardingReport:
+def not_found_report(device: str, timeout: float, elapsed: float = 0.0) -> OnboardingReport:
     return OnboardingReport(
         Status.TIMED_OUT,
         Stage.CONNECT,
         f"No device {device!r} seen within {timeout:g} s.",
         "Check that the device is powered and in pairing mode, and nearby.",
+        total_s=elapsed,
+        cause="device_not_found",
     )
 
 
-async def pair(
-    central: Central,
-    cloud: BindService,
-    device: str,
-    ssid: bytes | str,
-    passphrase: str,
-    *,
-    yes: bool,
-    out: TextIO,
-    security: int = 1,
-    scan_timeout: float = 30.0,
-    wait_checkin_s: float = 20.0,
-    ask: AskCode | None = None,
-    clock: Callable[[], float] = time.monotonic,
-    rng: RandomSource = os.urandom,
-) -> OnboardingReport:
-    """Find ``device`` and onboard it onto ``ssid``; never raises for a DS1 outcome.
+class Pairing:
+    """One ``phone pair``: find ``device``, then onboard it onto ``ssid``.
 
-    Errors outside DS1 (the cloud unreachable or refusing the token) propagate, and
-    so does a scan that cannot start: ``LinkError`` ``scan_failed`` (no Bluetooth
-    adapter, no ``bluetoothd``, no D-Bus system bus), caused by what the stack raised.
+    ``run`` never raises for a DS1 outcome. Errors outside DS1 that happen before
+    the flow (a scan that cannot start: ``LinkError`` ``scan_failed``, no Bluetooth
+    adapter, no ``bluetoothd``, no D-Bus system bus) propagate; the cloud
+    unreachable or refusing the token during the flow is a report with
+    ``outside_ds1`` set. ``seen`` holds every device seen while scanning.
     """
-    ssid_bytes = ssid.encode("utf-8") if isinstance(ssid, str) else ssid
-    out.write(f"Scanning for {device}…\n")
-    out.flush()
-    sighting = await find_device(central, device, scan_timeout, clock=clock)
-    if sighting is None:
-        report = not_found_report(device, scan_timeout)
-        out.write(f"{report.message}\n")
+
+    def __init__(
+        self,
+        central: Central,
+        cloud: BindService,
+        device: str,
+        ssid: bytes | str,
+        passphrase: str,
+        *,
+        yes: bool,
+        out: TextIO,
+        security: int = 1,
+        scan_timeout: float = 30.0,
+        wait_checkin_s: float = 20.0,
+        ask: AskCode | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: RandomSource = os.urandom,
+    ) -> None:
+        self.central = central
+        self.cloud = cloud
+        self.device = device
+        self.ssid = ssid.encode("utf-8") if isinstance(ssid, str) else ssid
+        self.passphrase = passphrase
+        self.yes = yes
+        self.out = out
+        self.security = security
+        self.scan_timeout = scan_timeout
+        self.wait_checkin_s = wait_checkin_s
+        self.ask = ask
+        self.clock = clock
+        self.rng = rng
+        self.seen: dict[str, Sighting] = {}
+        self.found: Sighting | None = None
+        self.scan_s: float | None = None  # None while still scanning
+        self._started: float | None = None
+        self._flow: Onboarding | None = None
+
+    def __repr__(self) -> str:  # never the passphrase
+        return f"Pairing(device={self.device!r}, ssid={self.ssid!r})"
+
+    async def run(self) -> OnboardingReport:
+        self._started = started = self.clock()
+        self.out.write(f"Scanning for {self.device}…\n")
+        self.out.flush()
+        sighting = await find_device(
+            self.central, self.device, self.scan_timeout, clock=self.clock, seen=self.seen
+        )
+        self.scan_s = self.clock() - started
+        if sighting is None:
+            others = describe_seen(self.seen.values())
+            self.out.write(
+                "Seen while scanning:\n" + "\n".join(others) + "\n"
+                if others
+                else "No Doorstep device seen at all.\n"
+            )
+            self.out.flush()
+            return not_found_report(self.device, self.scan_timeout, self.scan_s)
+        self.found = sighting
+        self.out.write(
+            f"Found {printable(sighting.name) or sighting.address} "
+            f"({sighting.address}, {sighting.rssi} dBm)\n"
+        )
+        self.out.flush()
+        delegate = ScriptedPairing(
+            self.ssid,
+            self.passphrase,
+            self.security,
+            None if self.yes else (self.ask or terminal_ask(self.out)),
+            self.out,
+            self.clock,
+        )
+        self._flow = flow = Onboarding(
+            self.central,
+            self.cloud,
+            delegate,
+            rng=self.rng,
+            clock=self.clock,
+            wait_checkin_s=self.wait_checkin_s,
+        )
+        report = await flow.run(sighting.address, printable(sighting.name) or sighting.address)
+        return self._about_the_device(_settle(report, delegate))
+
+    def _about_the_device(self, report: OnboardingReport) -> OnboardingReport:
+        """A refusal before the cloud answered still names the device it was about."""
+        if report.device is None and self.found is not None:
+            found = self.found
+            report.device = DeviceSummary(printable(found.name), found.address, "", b"")
         return report
-    out.write(
-        f"Found {sighting.name or sighting.address} ({sighting.address}, {sighting.rssi} dBm)\n"
-    )
-    delegate = ScriptedPairing(
-        ssid_bytes,
-        passphrase,
-        security,
-        None if yes else (ask or terminal_ask(out)),
-        out,
-        clock,
-    )
-    flow = Onboarding(central, cloud, delegate, rng=rng, clock=clock, wait_checkin_s=wait_checkin_s)
-    report = await flow.run(sighting.address, sighting.name or sighting.address)
-    return _settle(report, delegate)
+
+    def interrupted(self) -> OnboardingReport:
+        """The report of a cancelled ``run`` (Ctrl-C): how far it got, ``cancelled`` set."""
+        now = self.clock()
+        elapsed = 0.0 if self._started is None else now - self._started
+        if self._flow is None:  # still scanning
+            if self.scan_s is None:
+                self.scan_s = elapsed
+            return OnboardingReport(
+                Status.PROTOCOL_ERROR,
+                Stage.CONNECT,
+                f"Interrupted while scanning for {self.device!r}; nothing was paired.",
+                total_s=elapsed,
+                cause="cancelled",
+                cancelled=True,
+            )
+        report = self._about_the_device(self._flow.report)
+        report.cancelled, report.cause, report.hint = True, "cancelled", ""
+        if report.identifier is not None:  # bind/complete done: only the check-in wait was cut
+            report.message = (
+                f"Interrupted while waiting for the device's check-in; it was onboarded "
+                f"as {report.short_id}."
+            )
+        else:
+            report.message = (
+                f"Interrupted during {report.stage.value!r}; the pairing was cancelled."
+            )
+        return report
+
+    def json_summary(
+        self, report: OnboardingReport, *, exit_code: int | None = None
+    ) -> dict[str, object]:
+        """``summary`` with what this run saw while scanning."""
+        return summary(
+            report, self.device, seen=self.seen.values(), scan_s=self.scan_s, exit_code=exit_code
+        )
 
 
-def summary(report: OnboardingReport, device: str) -> dict[str, object]:
-    """The ``--json`` summary: the report, the stage timings, identifier and status."""
+def summary(
+    report: OnboardingReport,
+    device: str,
+    *,
+    seen: Iterable[Sighting] = (),
+    scan_s: float | None = None,
+    exit_code: int | None = None,
+) -> dict[str, object]:
+    """The ``--json`` summary: the report, the stage timings, identifier and status.
+
+    A cancelled report and one that ended outside DS1 have no DS1 status:
+    ``status`` is null and ``status_name`` says what happened (``cancelled``, or
+    the cause's stable code such as ``cloud_unavailable``). ``seen`` lists the
+    devices seen while scanning, ``scan_s`` how long that took; ``exit_code`` is
+    the command's (by default the DS1 status).
+    """
     body = report.to_json()
+    if report.cancelled:
+        body.update(status=None, status_name="cancelled")
+    elif report.outside_ds1 and not report.ok:
+        body.update(status=None, status_name=report.cause or "error")
     body["query"] = device
     body["stages"] = [{"stage": s.value, "seconds": round(t, 4)} for s, t in report.timings.items()]
-    body["exit_code"] = int(report.status)
+    body["scan_s"] = None if scan_s is None else round(scan_s, 4)
+    body["seen"] = seen_json(seen)
+    body["exit_code"] = int(report.status) if exit_code is None else exit_code
     return body

@@ -519,6 +519,7 @@ class ResultScreen(Screen[None]):
                 "check the cloud URL and token in Settings (s on the device list), then try again.",
             )
         what, hint = explain(report.status)
+        hint = report.hint or hint  # the flow's own advice (a lost link, the cloud) comes first
         text = Text.assemble(
             (f"{what}\n", "bold"),
             (f"Stopped at: {report.stage.value} · status {int(report.status)} "),

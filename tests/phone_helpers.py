@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from textual.pilot import Pilot
 from textual.screen import Screen
@@ -132,8 +134,11 @@ class DeviceRig:
         await self.stop()
 
 
-def memory_rig(tmp_path: Path, *, user: ScriptedDeviceUser | None = None) -> DeviceRig:
-    air = MemoryAir()
+def memory_rig(
+    tmp_path: Path, *, user: ScriptedDeviceUser | None = None, air: MemoryAir | None = None
+) -> DeviceRig:
+    """The device on ``air`` (a new one by default: pass it to add other devices)."""
+    air = air or MemoryAir()
     return DeviceRig(
         tmp_path / "device",
         air.peripheral(DEVICE_ADDRESS, rssi=-48),
@@ -166,6 +171,42 @@ def app_for(
     }
     settings.update(options)
     return create_app(central, cloud, history or History.in_memory(), config, **settings)
+
+
+# ---- a terminal for ``phone pair`` ----------------------------------------------------------
+
+
+class WatchedOutput(io.StringIO):
+    """An output stream a test can wait on until some text (a prompt) has been written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiting: list[tuple[str, asyncio.Event]] = []
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        for wanted, event in self._waiting:
+            if wanted in self.getvalue():
+                event.set()
+        return written
+
+    async def wait_for(self, wanted: str) -> None:
+        event = asyncio.Event()
+        self._waiting.append((wanted, event))
+        if wanted in self.getvalue():
+            event.set()
+        await asyncio.wait_for(event.wait(), 10)
+
+
+@contextlib.contextmanager
+def silent_stdin() -> Iterator[TextIO]:
+    """A stdin nobody types on (an open pipe): a question asked on it is never answered."""
+    read_end, write_end = os.pipe()
+    with open(read_end, encoding="utf-8") as stdin:
+        try:
+            yield stdin
+        finally:
+            os.close(write_end)
 
 
 # ---- Pilot steps -------------------------------------------------------------------------------

@@ -83,7 +83,27 @@ def test_device_run_without_bluetooth(
     )  # fmt: skip
     assert code == 2
     assert one_line(err) == f"doorstep device: {NO_BUS} {HINT}"
-    assert not (state / "device.pid").exists()
+    # Nothing left behind: it used to save a first-boot state (its pairing window already
+    # running) before the radio was tried, so the next start got only the rest of it.
+    assert not state.exists()
+
+
+def test_device_run_without_bluetooth_leaves_an_existing_state_as_it_was(
+    capsys: pytest.CaptureFixture[str], factory: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    store = DeviceStore(state, owner=True)
+    store.save(DeviceState(reset_ctr=3, gate={"window_until": 0.0, "failures": 2}))
+    before = {p.name: p.read_bytes() for p in state.iterdir()}
+    code, _out, err = run(
+        capsys, "device", "run", "--factory", str(factory), "--state", str(state),
+        "--confirm", "accept", "--cloud", CLOUD,
+    )  # fmt: skip
+    assert code == 2
+    assert one_line(err) == f"doorstep device: {NO_BUS} {HINT}"
+    assert {p.name: p.read_bytes() for p in state.iterdir()} == before
+    kept = store.load()
+    assert kept.reset_ctr == 3 and kept.gate == {"window_until": 0.0, "failures": 2}
 
 
 def test_device_run_at_a_terminal_without_bluetooth_ends_without_waiting_for_input(
@@ -137,6 +157,7 @@ def test_hub_run_without_bluetooth(
     assert code == 2
     assert one_line(err) == f"doorstep hub: {NO_BUS} {HINT}"
     assert "not onboarded yet" in out
+    assert not (tmp_path / "hub").exists()  # nothing a later start would take for its own
 
 
 def test_onboarded_hub_without_bluetooth(

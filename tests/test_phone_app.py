@@ -202,6 +202,57 @@ async def test_device_disappears_mid_pairing(tmp_path: Path) -> None:
             assert EMPTY_NEARBY in _text(devices, "#empty")
 
 
+async def test_device_gone_while_the_code_dialog_is_up(tmp_path: Path) -> None:
+    """The dialog goes away by itself and the result says the device disconnected, in
+    "Confirm code"; it used to wait for y/n, then blame the link at "Join Wi-Fi"."""
+    async with memory_rig(tmp_path) as rig:
+        history = History.in_memory()
+        app = app_for(rig.central, rig.cloud, history=history)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for_device(pilot)
+            await pilot.press("enter")
+            await wait_screen(pilot, ConfirmCodeScreen)
+
+            await rig.stop()  # power off while the user compares the codes; nobody answers
+
+            result = await wait_screen(pilot, ResultScreen)
+            assert not any(isinstance(s, ConfirmCodeScreen) for s in app.screen_stack)
+            report = result.outcome.report
+            assert report.status is Status.PROTOCOL_ERROR and report.stage is Stage.CONFIRM
+            assert report.message == "the device disconnected while the code was being confirmed"
+            summary = _text(result, "#summary")
+            assert "Stopped at: Confirm code · status 11 (protocol_error)" in summary
+            assert "Details: the device disconnected while the code was being confirmed" in summary
+            assert (
+                "Next: Check that the device is still on and in range, then try again." in summary
+            )
+            assert app.board.rows[Stage.CONFIRM].state is StageState.FAILED
+            assert app.board.rows[Stage.NETWORK].state is None  # never reached
+            (entry,) = await history.recent()
+            assert entry.status_name == "protocol_error"
+
+
+async def test_device_gone_while_choosing_the_network(tmp_path: Path) -> None:
+    async with memory_rig(tmp_path) as rig:
+        app = app_for(rig.central, rig.cloud)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for_device(pilot)
+            await pilot.press("enter")
+            await wait_screen(pilot, ConfirmCodeScreen)
+            await pilot.press("y")
+            await wait_screen(pilot, ChooseNetworkScreen)
+            await type_into(pilot, "#passphrase", HOME_PASSPHRASE)  # typed, not sent
+
+            await rig.stop()
+
+            result = await wait_screen(pilot, ResultScreen)
+            assert not any(isinstance(s, ChooseNetworkScreen) for s in app.screen_stack)
+            report = result.outcome.report
+            assert report.status is Status.PROTOCOL_ERROR and report.stage is Stage.NETWORK
+            assert report.message == "the device disconnected while the network was being chosen"
+            assert rig.user.requests == []  # nothing was provisioned
+
+
 async def test_escape_cancels_and_device_returns_to_advertising(tmp_path: Path) -> None:
     async with memory_rig(tmp_path, user=ScriptedDeviceUser(answer=None)) as rig:
         history = History.in_memory()

@@ -9,18 +9,44 @@ otherwise build from BlueZ and ``phone.cloudlink``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 import doorstep_cli
 from ble.memory import MemoryAir
+from ble.profile import AdvState
+from cloud_helpers import add_user, in_process_cloud, register
 from onboarding_helpers import ScriptedDeviceUser
-from phone.cli import EXIT_USAGE, pair_main
-from phone_helpers import DEVICE_ADDRESS, DEVICE_NAME, HOME_PASSPHRASE, memory_rig
+from phone.cli import EXIT_ENVIRONMENT, EXIT_INTERRUPTED, EXIT_USAGE, pair_main
+from phone.cloudlink import CloudLink
+from phone_helpers import (
+    DEVICE_ADDRESS,
+    DEVICE_NAME,
+    HOME_PASSPHRASE,
+    WatchedOutput,
+    add_idle_device,
+    memory_rig,
+    silent_stdin,
+)
 from protocol.errors import Status
+
+STAGES = [
+    "Connect",
+    "Verify with cloud",
+    "Secure session",
+    "Confirm code",
+    "Choose network",
+    "Join Wi-Fi",
+    "Device check-in",
+    "Done",
+]
+LINK_LOST = "Check that the device is still on and in range, then try again."
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -115,16 +141,7 @@ async def test_json_success_never_prints_the_passphrase(tmp_path: Path) -> None:
         assert summary["identifier"] == rig.runtime.state.active.identifier.hex()  # type: ignore[union-attr]
         assert summary["checked_in"] is True
         assert summary["device"]["model"] == "Doorstep Lamp L1"
-        assert [s["stage"] for s in summary["stages"]] == [
-            "Connect",
-            "Verify with cloud",
-            "Secure session",
-            "Confirm code",
-            "Choose network",
-            "Join Wi-Fi",
-            "Device check-in",
-            "Done",
-        ]
+        assert [s["stage"] for s in summary["stages"]] == STAGES
         lines = err.getvalue().splitlines()  # the stage lines went to stderr
         stage_lines = [
             line for line in lines if line.split("  ")[0].strip() in summary["timings_s"]
@@ -152,7 +169,19 @@ async def test_wrong_passphrase_exits_with_wifi_status(
         summary = json.loads(out.getvalue())
         assert summary["status_name"] == "wifi_auth_failed"
         assert summary["hint"] == "Check the passphrase and try again."
-        assert "Join Wi-Fi" in err.getvalue() and "FAILED" in err.getvalue()
+        # The failure is the join's, under its own stage, with every stage's time kept.
+        assert summary["stage"] == "Join Wi-Fi"
+        assert [s["stage"] for s in summary["stages"]] == STAGES[:6]
+        assert list(summary["timings_s"]) == STAGES[:6]
+        assert sum(summary["timings_s"].values()) <= summary["total_s"]
+        failed = [line for line in err.getvalue().splitlines() if " FAILED " in line]
+        assert len(failed) == 1
+        assert failed[0].startswith("Join Wi-Fi ")
+        assert failed[0].endswith("  The Wi-Fi passphrase was not accepted.")
+        assert err.getvalue().splitlines()[-1] == (
+            "Failed (3 wifi_auth_failed): The Wi-Fi passphrase was not accepted. "
+            "— Check the passphrase and try again."
+        )
         for text in (out.getvalue(), err.getvalue()):
             assert "definitely wrong" not in text
         assert rig.runtime.state.pending is None and rig.runtime.state.active is None
@@ -205,20 +234,341 @@ async def test_code_asked_on_the_terminal_and_rejected(
 
 
 async def test_device_not_found_times_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It says so once, with the time it really spent, and lists what it saw instead."""
     monkeypatch.setenv("PW", HOME_PASSPHRASE)
-    async with memory_rig(tmp_path) as rig:
-        args = parse(
-            "--device", "Doorstep-FFFF", "--ssid", "DoorstepHome", "--passphrase-env", "PW",
-            "--yes", "--json", "--scan-timeout", "0.3",
-        )  # fmt: skip
+    air = MemoryAir()
+    await add_idle_device(air, "C8:2B:96:1A:07:10", "Doorstep-0710", -60, AdvState.PROVISIONED, 0)
+    async with memory_rig(tmp_path, air=air) as rig:
+        argv = ["--device", "Doorstep-FFFF", "--ssid", "DoorstepHome", "--passphrase-env", "PW"]
+        argv += ["--yes", "--scan-timeout", "0.3"]
         out, err = io.StringIO(), io.StringIO()
-        code = await pair_main(args, out, err, central=rig.central, cloud=rig.cloud)
+        code = await pair_main(
+            parse(*argv, "--json"), out, err, central=rig.central, cloud=rig.cloud
+        )
         assert code == Status.TIMED_OUT
         summary = json.loads(out.getvalue())
-        assert "Doorstep-FFFF" in summary["message"]
+        message = "No device 'Doorstep-FFFF' seen within 0.3 s."
+        assert summary["message"] == message
+        assert summary["device"] is None
+        assert summary["total_s"] >= 0.3  # it scanned until the timeout, and says so
+        assert summary["scan_s"] == summary["total_s"]
+        assert summary["seen"] == [
+            {
+                "name": "Doorstep-0142",
+                "address": DEVICE_ADDRESS,
+                "rssi": -48,
+                "state": "unprovisioned",
+                "pairing_mode": True,
+            },
+            {
+                "name": "Doorstep-0710",
+                "address": "C8:2B:96:1A:07:10",
+                "rssi": -60,
+                "state": "provisioned",
+                "pairing_mode": False,
+            },
+        ]
+        assert err.getvalue().count(message) == 1
+
+        out = io.StringIO()
+        code = await pair_main(
+            parse(*argv), out, io.StringIO(), central=rig.central, cloud=rig.cloud
+        )
+        assert code == Status.TIMED_OUT
+        assert out.getvalue().splitlines() == [
+            "Scanning for Doorstep-FFFF…",
+            "Seen while scanning:",
+            f"  Doorstep-0142      {DEVICE_ADDRESS}   -48 dBm  in pairing mode",
+            "  Doorstep-0710      C8:2B:96:1A:07:10   -60 dBm  not in pairing mode",
+            f"Failed (13 timed_out): {message} — Check that the device is powered and in "
+            "pairing mode, and nearby.",
+        ]
+
+
+async def test_peer_names_are_shown_without_control_characters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name is whatever a device advertises: listed, it cannot drive the terminal."""
+    monkeypatch.setenv("PW", HOME_PASSPHRASE)
+    air = MemoryAir()
+    hostile = "Doorstep-\x1b]0;owned\x07\x1b[2J"
+    await add_idle_device(air, "C8:2B:96:1A:0E:01", hostile, -50, AdvState.UNPROVISIONED, 1)
+    async with memory_rig(tmp_path, air=air) as rig:
+        argv = ["--device", "Doorstep-FFFF", "--ssid", "DoorstepHome", "--passphrase-env", "PW"]
+        out, err = io.StringIO(), io.StringIO()
+        args = parse(*argv, "--yes", "--json", "--scan-timeout", "0.1")
+        assert await pair_main(args, out, err, central=rig.central, cloud=rig.cloud) == 13
+    assert "\x1b" not in out.getvalue() + err.getvalue()
+    assert "\x07" not in out.getvalue() + err.getvalue()
+    seen = json.loads(out.getvalue())["seen"]
+    assert [d["name"] for d in seen] == ["Doorstep-0142", "Doorstep-?]0;owned??[2J"]
+    assert "  Doorstep-?]0;owned??[2J C8:2B:96:1A:0E:01" in err.getvalue()
 
 
 async def test_nothing_on_the_air(monkeypatch: pytest.MonkeyPatch) -> None:
     from phone.pair import find_device
 
     assert await find_device(MemoryAir().central(), DEVICE_NAME, 0.1) is None
+
+
+# ---- the device goes away while the code is asked; Ctrl-C ------------------------------------
+
+
+async def test_a_device_that_goes_away_during_the_code_question_ends_it_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nobody answers the question: the pairing still ends, in "Confirm code", when the
+    device does. It used to wait for the answer, then fail as a protocol error later."""
+    monkeypatch.setenv("PW", HOME_PASSPHRASE)
+    async with memory_rig(tmp_path) as rig:
+        argv = ["--device", DEVICE_NAME, "--ssid", "DoorstepHome", "--passphrase-env", "PW"]
+        out, err = io.StringIO(), WatchedOutput()
+        with silent_stdin() as stdin:
+            pairing = asyncio.create_task(
+                pair_main(
+                    parse(*argv, "--json"),
+                    out,
+                    err,
+                    central=rig.central,
+                    cloud=rig.cloud,
+                    stdin=stdin,
+                )
+            )
+            await err.wait_for("[y/N] ")
+            await rig.stop()  # the device loses power while its code is on screen
+            code = await pairing
+    assert code == Status.PROTOCOL_ERROR == 11
+    message = "the device disconnected while the code was being confirmed"
+    summary = json.loads(out.getvalue())
+    assert summary["status_name"] == "protocol_error"
+    assert summary["stage"] == "Confirm code"
+    assert summary["message"] == message
+    assert summary["hint"] == LINK_LOST
+    assert summary["device"]["model"] == "Doorstep Lamp L1"
+    assert list(summary["timings_s"]) == STAGES[:4]
+    lines = err.getvalue().splitlines()
+    prompt = next(i for i, line in enumerate(lines) if "does it show the code" in line)
+    assert lines[prompt].endswith("[y/N] ")  # the abandoned question's line is ended
+    assert lines[prompt + 1].startswith("Confirm code ")
+    assert " FAILED " in lines[prompt + 1] and lines[prompt + 1].endswith(f" s  {message}")
+    assert lines[-1] == f"Failed (11 protocol_error): {message} — {LINK_LOST}"
+    assert HOME_PASSPHRASE not in out.getvalue() + err.getvalue()
+
+
+async def test_ctrl_c_at_the_code_question_prints_a_cancelled_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C is ``asyncio.run`` cancelling the command's task: the summary says how far it
+    got, the exit status is 130, and the device is left ready to pair again."""
+    monkeypatch.setenv("PW", HOME_PASSPHRASE)
+    async with memory_rig(tmp_path) as rig:
+        argv = ["--device", DEVICE_NAME, "--ssid", "DoorstepHome", "--passphrase-env", "PW"]
+        out, err = io.StringIO(), WatchedOutput()
+        with silent_stdin() as stdin:
+            pairing = asyncio.create_task(
+                pair_main(
+                    parse(*argv, "--json"),
+                    out,
+                    err,
+                    central=rig.central,
+                    cloud=rig.cloud,
+                    stdin=stdin,
+                )
+            )
+            await err.wait_for("[y/N] ")
+            pairing.cancel()
+            code = await pairing
+        assert code == EXIT_INTERRUPTED == 130
+        summary = json.loads(out.getvalue())  # one whole summary, nothing else
+        assert summary["status"] is None
+        assert summary["status_name"] == "cancelled"
+        assert summary["exit_code"] == 130
+        assert summary["stage"] == "Confirm code"
+        assert summary["message"] == "Interrupted during 'Confirm code'; the pairing was cancelled."
+        assert summary["device"]["name"] == DEVICE_NAME
+        assert list(summary["timings_s"]) == STAGES[:4]
+        lines = err.getvalue().splitlines()
+        assert lines[-2].endswith("[y/N] ")
+        assert lines[-1] == "Interrupted during 'Confirm code'; the pairing was cancelled."
+
+        # The session was closed: the same device pairs right away.
+        out = io.StringIO()
+        again = parse(*argv, "--yes", "--json", "--wait-checkin", "5")
+        assert await pair_main(again, out, io.StringIO(), central=rig.central, cloud=rig.cloud) == 0
+        assert json.loads(out.getvalue())["checked_in"] is True
+
+
+async def test_ctrl_c_while_scanning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PW", HOME_PASSPHRASE)
+    async with memory_rig(tmp_path) as rig:
+        argv = ["--device", "Doorstep-FFFF", "--ssid", "DoorstepHome", "--passphrase-env", "PW"]
+        out, err = io.StringIO(), WatchedOutput()
+        pairing = asyncio.create_task(
+            pair_main(
+                parse(*argv, "--yes", "--json"), out, err, central=rig.central, cloud=rig.cloud
+            )
+        )
+        await err.wait_for("Scanning for Doorstep-FFFF…\n")
+        pairing.cancel()
+        assert await pairing == EXIT_INTERRUPTED
+    summary = json.loads(out.getvalue())
+    assert summary["status_name"] == "cancelled" and summary["exit_code"] == 130
+    assert (
+        summary["message"] == "Interrupted while scanning for 'Doorstep-FFFF'; nothing was paired."
+    )
+    assert summary["device"] is None and summary["stages"] == []
+    assert err.getvalue().splitlines()[-1] == summary["message"]
+
+
+# ---- a refusal names its device; outcomes outside DS1 exit 20 ----------------------------------
+
+
+async def test_window_closed_is_written_like_the_other_outcomes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PW", HOME_PASSPHRASE)
+    async with memory_rig(tmp_path) as rig:
+        argv = ["--device", DEVICE_NAME, "--ssid", "DoorstepHome", "--passphrase-env", "PW"]
+        argv += ["--yes", "--json", "--wait-checkin", "0"]
+        first = io.StringIO()
+        assert (
+            await pair_main(
+                parse(*argv), first, io.StringIO(), central=rig.central, cloud=rig.cloud
+            )
+            == 0
+        )
+        # Onboarded: its pairing window is closed now.
+        out, err = io.StringIO(), io.StringIO()
+        code = await pair_main(parse(*argv), out, err, central=rig.central, cloud=rig.cloud)
+    assert code == Status.WINDOW_CLOSED == 10
+    summary = json.loads(out.getvalue())
+    assert summary["status"] == 10 and summary["status_name"] == "window_closed"
+    assert summary["message"] == "The device is not in pairing mode."
+    assert summary["hint"] == "Press the device's pairing button, then try again."
+    assert summary["device"] == {
+        "name": DEVICE_NAME,
+        "address": DEVICE_ADDRESS,
+        "model": None,  # the cloud was never asked
+        "dev_id": None,
+    }
+    assert err.getvalue().splitlines()[-1] == (
+        "Failed (10 window_closed): The device is not in pairing mode. "
+        "— Press the device's pairing button, then try again."
+    )
+
+
+@pytest.mark.parametrize("cloud_case", ["token refused", "cloud unreachable"])
+async def test_cloud_outcomes_exit_20_not_a_device_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cloud_case: str
+) -> None:
+    """The cloud refusing the token (was exit 12, "device not verified") or out of reach
+    (was 13, "timed out") is not about the device: exit 20, named by its cause."""
+    monkeypatch.setenv("PW", HOME_PASSPHRASE)
+    async with memory_rig(tmp_path) as rig, in_process_cloud("sqlite:///:memory:") as c:
+        await register(c.registry, c.kek, [rig.runtime.factory])
+        token = await add_user(c.registry, "alice")
+        if cloud_case == "token refused":
+            transport = httpx.ASGITransport(app=c.app)
+            link = CloudLink("http://cloud.test", "dst_not_the_token", transport=transport)
+        else:
+            link = CloudLink("http://127.0.0.1:9", token)  # nothing listens on the discard port
+        argv = ["--device", DEVICE_NAME, "--ssid", "DoorstepHome", "--passphrase-env", "PW"]
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            code = await pair_main(
+                parse(*argv, "--yes", "--json"), out, err, central=rig.central, cloud=link
+            )
+        finally:
+            await link.aclose()
+    assert code == EXIT_ENVIRONMENT == 20
+    summary = json.loads(out.getvalue())
+    assert summary["status"] is None and summary["exit_code"] == 20
+    assert summary["stage"] == "Verify with cloud"
+    assert summary["device"]["name"] == DEVICE_NAME
+    if cloud_case == "token refused":
+        assert summary["status_name"] == "unauthorized"
+        assert summary["message"] == "The cloud did not accept your token."
+        assert err.getvalue().splitlines()[-1] == (
+            "Failed (unauthorized): The cloud did not accept your token. — Check the token: "
+            "Settings in the app, --token or DOORSTEP_TOKEN for a script."
+        )
+    else:
+        assert summary["status_name"] == "cloud_unavailable"
+        assert summary["message"] == "Cannot reach the cloud."
+        assert (
+            err.getvalue()
+            .splitlines()[-1]
+            .startswith(
+                "Failed (cloud_unavailable): Cannot reach the cloud. — Check this machine's network"
+            )
+        )
+    assert token not in out.getvalue() + err.getvalue()
+
+
+class _CompleteUnreachable:
+    """A cloud that answers bind/start, and is gone before bind/complete."""
+
+    def __init__(self, reachable: CloudLink, gone: CloudLink) -> None:
+        self.reachable, self.gone = reachable, gone
+
+    async def bind_start(self, request: Any) -> Any:
+        return await self.reachable.bind_start(request)
+
+    async def bind_complete(self, attempt: str, ack: bytes) -> Any:
+        return await self.gone.bind_complete(attempt, ack)
+
+    async def wait_active(self, identifier: bytes, timeout: float) -> bool:
+        return await self.gone.wait_active(identifier, timeout)
+
+
+async def test_a_pairing_the_cloud_could_not_be_told_of_exits_20(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The device joined; only bind/complete could not reach the cloud (was exit 13)."""
+    monkeypatch.setenv("PW", HOME_PASSPHRASE)
+    async with memory_rig(tmp_path) as rig, in_process_cloud("sqlite:///:memory:") as c:
+        await register(c.registry, c.kek, [rig.runtime.factory])
+        token = await add_user(c.registry, "alice")
+        up = CloudLink("http://cloud.test", token, transport=httpx.ASGITransport(app=c.app))
+        down = CloudLink("http://127.0.0.1:9", token)  # nothing listens on the discard port
+        argv = ["--device", DEVICE_NAME, "--ssid", "DoorstepHome", "--passphrase-env", "PW"]
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            code = await pair_main(
+                parse(*argv, "--yes", "--json"),
+                out,
+                err,
+                central=rig.central,
+                cloud=_CompleteUnreachable(up, down),
+            )
+        finally:
+            await up.aclose()
+            await down.aclose()
+    assert code == EXIT_ENVIRONMENT
+    summary = json.loads(out.getvalue())
+    assert summary["status"] is None and summary["status_name"] == "completion_unconfirmed"
+    assert summary["stage"] == "Join Wi-Fi"
+    assert summary["hint"] == (
+        "Check your devices in a minute; pair it again only if it does not appear."
+    )
+    assert (
+        err.getvalue()
+        .splitlines()[-1]
+        .startswith(
+            "Failed (completion_unconfirmed): The device joined the network with its new identity"
+        )
+    )
+
+
+def test_help_lists_the_exit_statuses(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        doorstep_cli.main(["phone", "pair", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "exit status:" in text
+    for line in (
+        "  0         onboarded",
+        "  20        outside DS1: the cloud unreachable or failing, the token refused,",
+        '  130       interrupted (--json: status null, status_name "cancelled")',
+    ):
+        assert line in text.splitlines()
