@@ -39,6 +39,20 @@ from phone.history import History
 
 S = TypeVar("S", bound=Screen[Any])
 
+#: The stages of a pairing as ``phone pair`` names them, in order.
+STAGES = [
+    "Connect",
+    "Verify with cloud",
+    "Secure session",
+    "Confirm code",
+    "Choose network",
+    "Join Wi-Fi",
+    "Device check-in",
+    "Done",
+]
+#: The hint of a pairing whose device went away.
+LINK_LOST = "Check that the device is still on and in range, then try again."
+
 CONFIG = PhoneConfig("https://cloud.doorstep.test", "dst_test_token_0123456789abcdef")
 DEVICE_ADDRESS = "C8:2B:96:1A:01:42"
 DEVICE_NAME = "Doorstep-0142"

@@ -73,36 +73,30 @@ def one_line(err: str) -> str:
 # ---- no Bluetooth ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("saved", [False, True], ids=["first-start", "saved-state"])
 def test_device_run_without_bluetooth(
-    capsys: pytest.CaptureFixture[str], factory: Path, tmp_path: Path
+    capsys: pytest.CaptureFixture[str], factory: Path, tmp_path: Path, saved: bool
 ) -> None:
+    """One line, and the state as it was: it used to save a first-boot state (its pairing
+    window already running) before the radio was tried, so the next start got only the
+    rest of that window."""
     state = tmp_path / "state"
+    if saved:
+        DeviceStore(state, owner=True).save(
+            DeviceState(reset_ctr=3, gate={"window_until": 0.0, "failures": 2})
+        )
+        before = {p.name: p.read_bytes() for p in state.iterdir()}
     code, _out, err = run(
         capsys, "device", "run", "--factory", str(factory), "--state", str(state),
         "--confirm", "accept", "--cloud", CLOUD,
     )  # fmt: skip
     assert code == 2
     assert one_line(err) == f"doorstep device: {NO_BUS} {HINT}"
-    # Nothing left behind: it used to save a first-boot state (its pairing window already
-    # running) before the radio was tried, so the next start got only the rest of it.
-    assert not state.exists()
-
-
-def test_device_run_without_bluetooth_leaves_an_existing_state_as_it_was(
-    capsys: pytest.CaptureFixture[str], factory: Path, tmp_path: Path
-) -> None:
-    state = tmp_path / "state"
-    store = DeviceStore(state, owner=True)
-    store.save(DeviceState(reset_ctr=3, gate={"window_until": 0.0, "failures": 2}))
-    before = {p.name: p.read_bytes() for p in state.iterdir()}
-    code, _out, err = run(
-        capsys, "device", "run", "--factory", str(factory), "--state", str(state),
-        "--confirm", "accept", "--cloud", CLOUD,
-    )  # fmt: skip
-    assert code == 2
-    assert one_line(err) == f"doorstep device: {NO_BUS} {HINT}"
+    if not saved:
+        assert not state.exists()  # nothing left behind
+        return
     assert {p.name: p.read_bytes() for p in state.iterdir()} == before
-    kept = store.load()
+    kept = DeviceStore(state).load()
     assert kept.reset_ctr == 3 and kept.gate == {"window_until": 0.0, "failures": 2}
 
 

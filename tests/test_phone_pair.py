@@ -13,7 +13,7 @@ import asyncio
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import httpx
 import pytest
@@ -29,24 +29,14 @@ from phone_helpers import (
     DEVICE_ADDRESS,
     DEVICE_NAME,
     HOME_PASSPHRASE,
+    LINK_LOST,
+    STAGES,
     WatchedOutput,
     add_idle_device,
     memory_rig,
     silent_stdin,
 )
 from protocol.errors import Status
-
-STAGES = [
-    "Connect",
-    "Verify with cloud",
-    "Secure session",
-    "Confirm code",
-    "Choose network",
-    "Join Wi-Fi",
-    "Device check-in",
-    "Done",
-]
-LINK_LOST = "Check that the device is still on and in range, then try again."
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -314,6 +304,20 @@ async def test_nothing_on_the_air(monkeypatch: pytest.MonkeyPatch) -> None:
 # ---- the device goes away while the code is asked; Ctrl-C ------------------------------------
 
 
+async def _at_the_code_question(
+    rig: Any, out: io.StringIO, err: WatchedOutput, stdin: TextIO
+) -> asyncio.Task[int]:
+    """``phone pair --json`` (passphrase in $PW) started, its code question on screen."""
+    argv = ["--device", DEVICE_NAME, "--ssid", "DoorstepHome", "--passphrase-env", "PW"]
+    pairing = asyncio.create_task(
+        pair_main(
+            parse(*argv, "--json"), out, err, central=rig.central, cloud=rig.cloud, stdin=stdin
+        )
+    )
+    await err.wait_for("[y/N] ")
+    return pairing
+
+
 async def test_a_device_that_goes_away_during_the_code_question_ends_it_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -321,20 +325,9 @@ async def test_a_device_that_goes_away_during_the_code_question_ends_it_at_once(
     device does. It used to wait for the answer, then fail as a protocol error later."""
     monkeypatch.setenv("PW", HOME_PASSPHRASE)
     async with memory_rig(tmp_path) as rig:
-        argv = ["--device", DEVICE_NAME, "--ssid", "DoorstepHome", "--passphrase-env", "PW"]
         out, err = io.StringIO(), WatchedOutput()
         with silent_stdin() as stdin:
-            pairing = asyncio.create_task(
-                pair_main(
-                    parse(*argv, "--json"),
-                    out,
-                    err,
-                    central=rig.central,
-                    cloud=rig.cloud,
-                    stdin=stdin,
-                )
-            )
-            await err.wait_for("[y/N] ")
+            pairing = await _at_the_code_question(rig, out, err, stdin)
             await rig.stop()  # the device loses power while its code is on screen
             code = await pairing
     assert code == Status.PROTOCOL_ERROR == 11
@@ -362,20 +355,9 @@ async def test_ctrl_c_at_the_code_question_prints_a_cancelled_summary(
     got, the exit status is 130, and the device is left ready to pair again."""
     monkeypatch.setenv("PW", HOME_PASSPHRASE)
     async with memory_rig(tmp_path) as rig:
-        argv = ["--device", DEVICE_NAME, "--ssid", "DoorstepHome", "--passphrase-env", "PW"]
         out, err = io.StringIO(), WatchedOutput()
         with silent_stdin() as stdin:
-            pairing = asyncio.create_task(
-                pair_main(
-                    parse(*argv, "--json"),
-                    out,
-                    err,
-                    central=rig.central,
-                    cloud=rig.cloud,
-                    stdin=stdin,
-                )
-            )
-            await err.wait_for("[y/N] ")
+            pairing = await _at_the_code_question(rig, out, err, stdin)
             pairing.cancel()
             code = await pairing
         assert code == EXIT_INTERRUPTED == 130
@@ -393,6 +375,7 @@ async def test_ctrl_c_at_the_code_question_prints_a_cancelled_summary(
 
         # The session was closed: the same device pairs right away.
         out = io.StringIO()
+        argv = ["--device", DEVICE_NAME, "--ssid", "DoorstepHome", "--passphrase-env", "PW"]
         again = parse(*argv, "--yes", "--json", "--wait-checkin", "5")
         assert await pair_main(again, out, io.StringIO(), central=rig.central, cloud=rig.cloud) == 0
         assert json.loads(out.getvalue())["checked_in"] is True

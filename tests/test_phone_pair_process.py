@@ -25,22 +25,11 @@ from ble.profile import AdvState
 from ble_helpers import bus_environment
 from demo.stack import DeviceHandle, Stack, doorstep_cmd
 from device_process_helpers import find, quick_wifi, show
+from phone_helpers import LINK_LOST, STAGES
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(180)]
 
 PASSPHRASE = "correct horse battery"
-STAGES = [
-    "Connect",
-    "Verify with cloud",
-    "Secure session",
-    "Confirm code",
-    "Choose network",
-    "Join Wi-Fi",
-    "Device check-in",
-    "Done",
-]
-LINK_LOST = "Check that the device is still on and in range, then try again."
-
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
