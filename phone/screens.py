@@ -520,10 +520,15 @@ class ResultScreen(Screen[None]):
             )
         what, hint = explain(report.status)
         hint = report.hint or hint  # the flow's own advice (a lost link, the cloud) comes first
+        if report.outside_ds1:
+            # Not about the device (the cloud unreachable or failing, the token refused):
+            # the DS1 status is only the nearest one, and its words speak of the device.
+            what, why = report.message, report.cause
+        else:
+            why = f"status {int(report.status)} ({report.status.name.lower()})"
         text = Text.assemble(
             (f"{what}\n", "bold"),
-            (f"Stopped at: {report.stage.value} · status {int(report.status)} "),
-            (f"({report.status.name.lower()}) after {report.total_s:.1f} s\n", ""),
+            (f"Stopped at: {report.stage.value} · {why} after {report.total_s:.1f} s\n", ""),
         )
         if report.message and report.message not in (what, "Cancelled."):
             text.append(f"Details: {report.message}\n")

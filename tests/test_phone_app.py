@@ -16,6 +16,7 @@ from ble.memory import MemoryAir
 from ble.profile import AdvState, DeviceStatus, Sighting
 from onboarding_helpers import ScriptedDeviceUser
 from phone.app import NearbyDevices, StageBoard
+from phone.cloudlink import CloudLink
 from phone.commissioner import Stage, StageState
 from phone.history import History, HistoryEntry
 from phone.screens import (
@@ -200,6 +201,28 @@ async def test_device_disappears_mid_pairing(tmp_path: Path) -> None:
             devices = await wait_screen(pilot, DevicesScreen)
             await wait_until(pilot, lambda: not devices.query_one("#devices", DataTable).display)
             assert EMPTY_NEARBY in _text(devices, "#empty")
+
+
+async def test_a_cloud_out_of_reach_is_said_as_such_not_blamed_on_the_device(
+    tmp_path: Path,
+) -> None:
+    """The result led with "The device stopped answering." (the nearest DS1 status)."""
+    async with memory_rig(tmp_path) as rig:
+        link = CloudLink("http://127.0.0.1:9", "dst_token")  # nothing listens on port 9
+        try:
+            app = app_for(rig.central, link)
+            async with app.run_test(size=(80, 24)) as pilot:
+                await wait_for_device(pilot)
+                await pilot.press("enter")
+                result = await wait_screen(pilot, ResultScreen)
+                summary = _text(result, "#summary")
+                assert summary.startswith("Cannot reach the cloud.\n")
+                assert "Stopped at: Verify with cloud · cloud_unavailable after " in summary
+                assert "Next: Check this machine's network and the cloud URL" in summary
+                assert "device" not in summary.split("\n")[0]
+                await wait_until(pilot, lambda: rig.runtime.session is None)
+        finally:
+            await link.aclose()
 
 
 async def test_device_gone_while_the_code_dialog_is_up(tmp_path: Path) -> None:
