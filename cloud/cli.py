@@ -13,13 +13,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
+import errno
+import fcntl
 import json
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar
@@ -361,30 +364,34 @@ def cmd_factory_new(args: argparse.Namespace) -> int:
         # Durable commits: a record file is published only once its device's
         # registration would survive a power loss (_write_and_register).
         registry = await open_registry(_db(args), durable=True)  # a bad --db: before --out
-        started = time.monotonic()
         try:
             out.mkdir(parents=True, exist_ok=True)
-            await _recover_staged(registry, out)
-            while done < args.count:
-                size = min(FACTORY_BATCH, args.count - done)
-                # One draw per batch: the source is health-tested per read, so
-                # many small reads are slow; slicing one large draw is equivalent.
-                pool = memoryview(entropy.read(size * _RECORD_DRAW))
-                batch = [
-                    new_factory_record(args.model, _slicer(pool[i * _RECORD_DRAW :]))
-                    for i in range(size)
-                ]
-                await _write_and_register(registry, kek, batch, out, registered)
-                rate = done / max(time.monotonic() - started, 1e-6)
-                print(
-                    f"\r{done}/{args.count} devices registered ({rate:,.0f}/s)",
-                    end="",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            with _exclusive(out):
+                await _recover_staged(registry, out)
+                await batches(registry)
         finally:
             await registry.close()
         print(file=sys.stderr)
+
+    async def batches(registry: Registry) -> None:
+        started = time.monotonic()
+        while done < args.count:
+            size = min(FACTORY_BATCH, args.count - done)
+            # One draw per batch: the source is health-tested per read, so
+            # many small reads are slow; slicing one large draw is equivalent.
+            pool = memoryview(entropy.read(size * _RECORD_DRAW))
+            batch = [
+                new_factory_record(args.model, _slicer(pool[i * _RECORD_DRAW :]))
+                for i in range(size)
+            ]
+            await _write_and_register(registry, kek, batch, out, registered)
+            rate = done / max(time.monotonic() - started, 1e-6)
+            print(
+                f"\r{done}/{args.count} devices registered ({rate:,.0f}/s)",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
 
     try:
         _run(run)
@@ -414,14 +421,14 @@ async def _write_and_register(
     Against a power loss: the files' contents are on disk before the commit,
     the commit is on disk before the renames (a durable registry), and the
     renames before the next batch. A loss between the commit and the renames
-    leaves complete staged files, which the next run publishes or removes
-    (:func:`_recover_staged`).
+    leaves complete staged files, which the next run sorts out
+    (:func:`_recover_staged`); so does a commit whose outcome is unknown.
     """
     staged: list[tuple[Path, Path]] = []
     try:
         for record in batch:
             name = f"{record.dev_id.hex()}.json"
-            partial = out / f"{_STAGED_PREFIX}{record.dev_id.hex()}{_STAGED_SUFFIX}"
+            partial = out / f"{_STAGED_PREFIX}{name}{_STAGED_SUFFIX}"
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             staged.append((partial, out / name))
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -438,10 +445,10 @@ async def _write_and_register(
         except asyncio.CancelledError:
             stopped = True  # Ctrl-C: the transaction ends on its own; its outcome decides
     # (Nothing else cancels ``registering``; if something did, exception() raises
-    # CancelledError and the .partial files stay: whether it committed is unknown.)
+    # CancelledError and the staged files stay for the next run to sort out.)
     failure = registering.exception()
-    if failure is not None:  # not committed: neither the devices nor their files exist
-        _discard(staged)
+    if failure is not None and not await _committed_anyway(registry, batch):
+        _discard(staged)  # this run's files of devices that are not registered
         raise failure
     registered(len(batch))
     # No Ctrl-C can cut this short: run() turned SIGINT into a cancel, taken at an await.
@@ -452,79 +459,153 @@ async def _write_and_register(
         raise asyncio.CancelledError
 
 
+async def _committed_anyway(registry: Registry, batch: list[FactoryRecord]) -> bool:
+    """After a failed registration: whether its commit happened all the same (a
+    connection lost during COMMIT). If even that cannot be asked, the failure
+    propagates from here with the staged files kept for the next run."""
+
+    dev_ids = [record.dev_id for record in batch]
+
+    async def body(tx: RegistryTransaction) -> set[bytes]:
+        return await tx.registered(dev_ids)
+
+    return await registry.run(body) == set(dev_ids)  # one transaction: all or none
+
+
 def _discard(staged: list[tuple[Path, Path]]) -> None:
     for partial, _ in staged:
         partial.unlink(missing_ok=True)
 
 
-_STAGED_PREFIX, _STAGED_SUFFIX = ".", ".json.partial"
+#: ``.<dev_id hex>.json.partial``: a record file not published yet.
+_STAGED_PREFIX, _STAGED_SUFFIX = ".", ".partial"
+#: What recovery renames a staged file to when it is no record of a device registered
+#: in this database: kept (it may hold the only copy of a K_init), never published.
+_SET_ASIDE_SUFFIX = ".unregistered"
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """``out`` for this run alone: an advisory lock on the directory itself.
+
+    Recovery (:func:`_recover_staged`) takes every staged file it finds for a
+    cut-off run's; a second run writing there at the same time would have its
+    files taken too, so it is refused instead.
+    """
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigurationError(
+                f"another 'doorstep cloud factory new' is writing to {out}; "
+                "wait for it to finish or use another --out",
+                code="out_in_use",
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
 
 
 def _sync_files(directory: Path, files: list[Path]) -> None:
-    """The contents of ``files`` (and their names in ``directory``) on disk."""
-    if hasattr(os, "sync"):
-        os.sync()  # one call for a whole batch: an fsync per file took ~0.3 ms each here
-    else:  # pragma: no cover - not on Linux
-        for path in files:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _sync_directory(directory)
+    """The contents of ``files`` and their names in ``directory`` on disk, or ``OSError``."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        # One syncfs(2) for the whole batch where there is one (Linux): it reports
+        # write-back errors (Linux ≥ 5.8) and flushes only this filesystem; an fsync
+        # per file took ~0.3 ms each here.
+        if _syncfs(fd):
+            return
+    finally:
+        os.close(fd)
+    for path in files:  # pragma: no cover - without syncfs(2)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _sync_directory(directory)  # pragma: no cover
+
+
+def _syncfs(fd: int) -> bool:
+    """``syncfs(fd)``: False where the C library has none, ``OSError`` if it fails."""
+    try:
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return False
+    if syncfs(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return True
 
 
 def _sync_directory(directory: Path) -> None:
-    """The names in ``directory`` (renames, new files) on disk."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - a platform without directory handles
-        return
+    """The names in ``directory`` (renames, new files) on disk, or ``OSError``."""
+    fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on a directory
-        pass
+    except OSError as exc:  # pragma: no cover - filesystems that cannot fsync a directory
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
     finally:
         os.close(fd)
 
 
 async def _recover_staged(registry: Registry, out: Path) -> None:
-    """Publish or remove the staged record files an earlier run left in ``out``.
+    """Sort out the staged record files a cut-off run left in ``out``.
 
-    Only a power loss (or a killed process) between a batch's commit and its
-    renames leaves them: complete files, each either a registered device
-    (published now under its final name) or not (removed).
+    Only a power loss or a killed process (between a batch's commit and its
+    renames, or a commit whose outcome was unknown) leaves them. A complete
+    record of a device registered in this database is published under its
+    final name; any other staged file is set aside (renamed
+    ``….json.unregistered``, never deleted: registered in another database,
+    it may hold the only copy of that device's K_init).
     """
-    staged: dict[bytes, Path] = {}
-    for path in out.iterdir():
-        name = path.name
-        if not (name.startswith(_STAGED_PREFIX) and name.endswith(_STAGED_SUFFIX)):
-            continue
-        try:
-            dev_id = bytes.fromhex(name[len(_STAGED_PREFIX) : -len(_STAGED_SUFFIX)])
-        except ValueError:
-            continue
-        if len(dev_id) == 16:
-            staged[dev_id] = path
+    staged = [
+        (_staged_dev_id(path), path)
+        for path in out.iterdir()
+        if path.name.startswith(_STAGED_PREFIX) and path.name.endswith(".json" + _STAGED_SUFFIX)
+    ]
     if not staged:
         return
 
     async def body(tx: RegistryTransaction) -> set[bytes]:
-        return await tx.registered(list(staged))
+        return await tx.registered([dev_id for dev_id, _ in staged if dev_id])
 
     registered = await registry.run(body)
-    for dev_id, path in staged.items():
-        if dev_id in registered:
-            path.rename(out / f"{dev_id.hex()}.json")
+    published = 0
+    for dev_id, path in staged:
+        final = out / path.name[len(_STAGED_PREFIX) : -len(_STAGED_SUFFIX)]
+        if dev_id and dev_id in registered:
+            path.rename(final)
+            published += 1
         else:
-            path.unlink()
+            path.rename(path.with_name(path.name[: -len(_STAGED_SUFFIX)] + _SET_ASIDE_SUFFIX))
     _sync_directory(out)
-    kept = len(registered)
+    aside = len(staged) - published
     print(
-        f"an earlier run was cut off: published {kept} record{'s' if kept != 1 else ''} of "
-        f"registered devices, removed {len(staged) - kept} of devices never registered",
+        f"an earlier run was cut off: published {published} record"
+        f"{'s' if published != 1 else ''} of registered devices"
+        + (
+            f"; set aside {aside} file{'s' if aside != 1 else ''} that "
+            f"{'are' if aside != 1 else 'is'} no record of a device registered in this "
+            f"database (*.json{_SET_ASIDE_SUFFIX})"
+            if aside
+            else ""
+        ),
         file=sys.stderr,
     )
+
+
+def _staged_dev_id(path: Path) -> bytes:
+    """The dev_id of the complete record in ``path`` if its name is that record's, else b""."""
+    try:
+        record = FactoryRecord.loads(path.read_text(encoding="utf-8"))
+    except Exception:  # torn, not a record, unreadable: nothing to publish
+        return b""
+    if path.name != f"{_STAGED_PREFIX}{record.dev_id.hex()}.json{_STAGED_SUFFIX}":
+        return b""
+    return record.dev_id
 
 
 @_guarded

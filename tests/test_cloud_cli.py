@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import signal
 import sqlite3
@@ -169,36 +170,60 @@ def test_factory_new_stopped_by_ctrl_c_keeps_files_and_devices_alike(tmp_path: P
     assert f"after {len(files)} of 200000 devices" in last
 
 
-def test_factory_new_publishes_or_removes_what_a_cut_off_run_staged(tmp_path: Path) -> None:
+def test_factory_new_sorts_out_what_a_cut_off_run_staged(tmp_path: Path) -> None:
     """A power loss between a batch's commit and its renames leaves staged record files:
-    the next run publishes those of registered devices and removes the others."""
+    the next run publishes those of registered devices and sets the others aside (kept:
+    such a file may hold the only copy of a device's K_init), a torn one included."""
     db, out = tmp_path / "cloud.db", tmp_path / "records"
     out.mkdir()
-    kept, lost = new_factory_record(), new_factory_record()
-    asyncio.run(_register_records(db, [kept]))
+    kept, lost, torn = new_factory_record(), new_factory_record(), new_factory_record()
+    asyncio.run(_register_records(db, [kept, torn]))
     for record in (kept, lost):
         (out / f".{record.dev_id.hex()}.json.partial").write_text(record.dumps())
-    (out / ".notes.json.partial").write_text("mine")  # not a record's name: left alone
+    (out / f".{torn.dev_id.hex()}.json.partial").write_text(torn.dumps()[:40])
+    (out / ".notes.txt.partial").write_text("mine")  # not a record's name: left alone
     done = _run(
         "cloud", "factory", "new", "--count", "1", "--out", str(out), "--db", f"sqlite:///{db}"
     )
     assert done.returncode == 0, done.stderr
     assert (
-        "an earlier run was cut off: published 1 record of registered devices, "
-        "removed 1 of devices never registered"
+        "an earlier run was cut off: published 1 record of registered devices; set aside "
+        "2 files that are no record of a device registered in this database "
+        "(*.json.unregistered)"
     ) in done.stderr
-    published = out / f"{kept.dev_id.hex()}.json"
-    assert published.read_text() == kept.dumps()
+    assert (out / f"{kept.dev_id.hex()}.json").read_text() == kept.dumps()
+    assert (out / f".{lost.dev_id.hex()}.json.unregistered").read_text() == lost.dumps()
+    assert (out / f".{torn.dev_id.hex()}.json.unregistered").read_text() == torn.dumps()[:40]
+    assert (out / ".notes.txt.partial").read_text() == "mine"
     names = {p.name for p in out.iterdir()}
-    assert f"{lost.dev_id.hex()}.json" not in names
-    assert not any(
-        name.endswith(".json.partial") and name != ".notes.json.partial" for name in names
-    )
-    assert (out / ".notes.json.partial").read_text() == "mine"
+    assert not any(name.endswith(".json.partial") for name in names)
+    published = {name for name in names if not name.startswith(".")}
     with sqlite3.connect(db) as conn:
         registered = {row[0].hex() + ".json" for row in conn.execute("SELECT dev_id FROM devices")}
-    assert registered == {name for name in names if not name.startswith(".")}
-    assert len(registered) == 2  # the recovered one and the new one
+    # The torn record's device is registered but has no file to publish (it was never
+    # handed out: its file was still staged); the new device has its file.
+    assert published == registered - {f"{torn.dev_id.hex()}.json"}
+    assert len(published) == 2
+
+
+def test_factory_new_refuses_an_out_directory_another_run_is_writing(tmp_path: Path) -> None:
+    """Two runs on one --out: the second would take the first's staged files for a cut-off
+    run's (and had, deleting 517 record files of registered devices in a review)."""
+    db, out = tmp_path / "cloud.db", tmp_path / "records"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running factory new holds
+        done = _run(
+            "cloud", "factory", "new", "--count", "1", "--out", str(out), "--db", f"sqlite:///{db}"
+        )
+    finally:
+        os.close(fd)
+    assert done.returncode == 1
+    _one_line_error(
+        done.stderr, "another 'doorstep cloud factory new' is writing to", "[out_in_use]"
+    )
+    assert list(out.iterdir()) == []
 
 
 async def _register_records(db: Path, records: list[FactoryRecord]) -> None:
@@ -309,3 +334,24 @@ def test_serve_on_a_port_in_use_says_so_before_serving(
         assert main(argv) == 1
     err = capsys.readouterr().err
     _one_line_error(err, f"cannot listen on 127.0.0.1:{port}: Address already in use")
+
+
+async def test_a_batch_whose_registration_fails_leaves_no_file(tmp_path: Path) -> None:
+    """One device of the batch is registered already: the batch's one transaction fails,
+    the registry says none of the others is registered, and their staged files go."""
+    from cloud.cli import _write_and_register
+
+    db, out = tmp_path / "cloud.db", tmp_path / "records"
+    out.mkdir()
+    taken, fresh = new_factory_record(), new_factory_record()
+    await _register_records(db, [taken])
+    registry = await open_registry(f"sqlite:///{db}", durable=True)
+    counted: list[int] = []
+    try:
+        with pytest.raises(sqlite3.IntegrityError):
+            await _write_and_register(
+                registry, KeyEncryptionKey(TEST_KEK), [fresh, taken], out, counted.append
+            )
+    finally:
+        await registry.close()
+    assert list(out.iterdir()) == [] and counted == []
