@@ -67,7 +67,9 @@ exit status:
             13 timed out or device not found, 14 invalid Wi-Fi parameters
   2         also a usage error (arguments, passphrase file, no cloud configured)
   20        outside DS1: the cloud unreachable or failing, the token refused,
-            no Bluetooth adapter (--json: status null, status_name the cause)
+            too many requests to the cloud, no Bluetooth adapter; or the device
+            joined but the cloud could not be told (it completes the pairing
+            itself when it checks in) (--json: status null, status_name the cause)
   130       interrupted (--json: status null, status_name "cancelled")
 """
 
@@ -238,9 +240,28 @@ def make_central(adapter: str | None) -> Any:
 
 
 def cmd_pair(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        # The first Ctrl-C cancels the pairing, which then closes the session with the
+        # device and reports (with --json, its summary). asyncio.run's own handler made a
+        # second Ctrl-C a KeyboardInterrupt that cut that short and lost the summary.
+        task = asyncio.current_task()
+        assert task is not None
+        presses = 0
+
+        def interrupt() -> None:
+            nonlocal presses
+            presses += 1
+            if presses == 1:
+                task.cancel()
+            else:
+                print("doorstep phone pair: stopping; closing the session first", file=sys.stderr)
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, interrupt)
+        return await pair_main(args, sys.stdout, sys.stderr)
+
     try:
-        return asyncio.run(pair_main(args, sys.stdout, sys.stderr))
-    except KeyboardInterrupt:
+        return asyncio.run(main())
+    except KeyboardInterrupt:  # pragma: no cover - a platform without loop signal handlers
         print("doorstep phone pair: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 

@@ -37,9 +37,12 @@ class CloudRefused(DS1Error):
         self.hint = hint
         #: the cloud could not be reached or failed itself: the same request may succeed later
         self.transient = transient
-        #: not about the device: the cloud unreachable or failing, or refusing our
-        #: credentials. ``status`` is only the nearest DS1 one (``phone pair`` exits 20).
-        self.outside_ds1 = transient or code in _CREDENTIAL_REFUSALS
+        #: not about the device: the cloud unreachable or failing, refusing our
+        #: credentials, limiting our rate, or a refusal we have no words for.
+        #: ``status`` is only the nearest DS1 one (``phone pair`` exits 20).
+        self.outside_ds1 = (
+            transient or code in _CREDENTIAL_REFUSALS or code == "rate_limited"
+        ) or code not in _MESSAGES
 
 
 # The cloud refusing the commissioner itself (a phone's token, a hub's signature).

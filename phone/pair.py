@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import termios
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -151,6 +152,17 @@ async def read_line(source: TextIO) -> str:
     return data.decode("utf-8", "replace").split("\n", 1)[0]
 
 
+def _drop_typed_input(source: TextIO) -> None:
+    """What the user typed for an abandoned question goes: left on the terminal, it
+    would be read by whatever reads it next (the shell, when ``phone pair`` exits)."""
+    try:
+        fd = source.fileno()
+        if os.isatty(fd):
+            termios.tcflush(fd, termios.TCIFLUSH)
+    except (OSError, ValueError, termios.error):  # no terminal (a pipe, a file): nothing to do
+        pass
+
+
 def terminal_ask(out: TextIO, stdin: TextIO | None = None) -> AskCode:
     """Ask the code question on ``out``; read the answer from ``stdin`` (EOF means no).
 
@@ -163,11 +175,13 @@ def terminal_ask(out: TextIO, stdin: TextIO | None = None) -> AskCode:
         who = f"{printable(device.name)} ({printable(device.model)})"
         out.write(f"Device {who} — does it show the code {code}? [y/N] ")
         out.flush()
+        source = stdin or sys.stdin
         try:
-            line = await read_line(stdin or sys.stdin)
+            line = await read_line(source)
         except asyncio.CancelledError:
             out.write("\n")
             out.flush()
+            _drop_typed_input(source)
             raise
         return line.strip().lower() in ("y", "yes")
 

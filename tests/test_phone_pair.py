@@ -12,6 +12,8 @@ import argparse
 import asyncio
 import io
 import json
+import os
+import pty
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -21,7 +23,16 @@ import pytest
 import doorstep_cli
 from ble.memory import MemoryAir
 from ble.profile import AdvState
-from cloud_helpers import add_user, in_process_cloud, register
+from cloud.settings import Settings
+from cloud_helpers import (
+    SimDevice,
+    add_user,
+    bearer,
+    in_process_cloud,
+    new_factory_record,
+    register,
+    start_session,
+)
 from onboarding_helpers import ScriptedDeviceUser
 from phone.cli import EXIT_ENVIRONMENT, EXIT_INTERRUPTED, EXIT_USAGE, pair_main
 from phone.cloudlink import CloudLink
@@ -555,3 +566,63 @@ def test_help_lists_the_exit_statuses(capsys: pytest.CaptureFixture[str]) -> Non
         '  130       interrupted (--json: status null, status_name "cancelled")',
     ):
         assert line in text.splitlines()
+
+
+async def test_an_abandoned_code_question_leaves_no_typed_answer_for_the_shell() -> None:
+    """The user typed "yes" but the device went away before Enter: the question is
+    abandoned, and "yes" must not stay on the terminal for the shell to run."""
+    from phone.commissioner import DeviceSummary
+    from phone.pair import terminal_ask
+
+    master, slave = pty.openpty()
+    try:
+        with os.fdopen(os.dup(slave), "r") as terminal:
+            out = io.StringIO()
+            ask = terminal_ask(out, terminal)
+            question = asyncio.create_task(ask(DeviceSummary("Lamp", "AA", "L1", b""), "123456"))
+            while not out.getvalue().endswith("[y/N] "):
+                await asyncio.sleep(0)
+            os.write(master, b"yes")  # typed; Enter not pressed yet
+            question.cancel()  # the device went away
+            with pytest.raises(asyncio.CancelledError):
+                await question
+            assert out.getvalue().endswith("[y/N] \n")  # the question's line is ended
+            os.write(master, b"\n")  # now Enter
+            assert os.read(slave, 64) == b"\n"  # what the next reader (the shell) gets
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+async def test_a_cloud_that_limits_our_rate_exits_20_not_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Too many bind/starts for this user is the cloud's limit on us, not the device
+    being busy with another phone (9), which the exit status used to say."""
+    monkeypatch.setenv("PW", HOME_PASSPHRASE)
+    settings = Settings(database_url="sqlite:///:memory:", rate_per_user=1)
+    async with (
+        memory_rig(tmp_path) as rig,
+        in_process_cloud(settings.database_url, settings=settings) as c,
+    ):
+        other = new_factory_record()
+        await register(c.registry, c.kek, [rig.runtime.factory, other])
+        token = await add_user(c.registry, "alice")
+        first = start_session(SimDevice(other)).request  # this user's one bind/start
+        assert (
+            await c.client.post("/v1/bind/start", json=first, headers=bearer(token))
+        ).status_code == 201
+        link = CloudLink("http://cloud.test", token, transport=httpx.ASGITransport(app=c.app))
+        argv = ["--device", DEVICE_NAME, "--ssid", "DoorstepHome", "--passphrase-env", "PW"]
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            code = await pair_main(
+                parse(*argv, "--yes", "--json"), out, err, central=rig.central, cloud=link
+            )
+        finally:
+            await link.aclose()
+    assert code == EXIT_ENVIRONMENT == 20
+    summary = json.loads(out.getvalue())
+    assert summary["status"] is None and summary["status_name"] == "rate_limited"
+    assert summary["stage"] == "Verify with cloud"
+    assert summary["message"].startswith("Too many attempts; try again in ")

@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(180)
 
 PASSPHRASE = "correct horse battery"
 
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     workdir = tmp_path_factory.mktemp("phone-pair")
@@ -95,8 +96,16 @@ class AskedPairing:
             self.err += chunk.decode()
 
     async def outcome(self) -> tuple[int, dict[str, Any], str, str]:
-        """Without any answer: exit status, summary, stdout and stderr."""
-        out, err = await asyncio.wait_for(self.process.communicate(), 60)
+        """Without any answer: exit status, summary, stdout and stderr.
+
+        stdin stays open (nobody types, nobody closes the terminal): ``communicate()``
+        closes it on Python 3.12+, which ``phone pair`` would read as the answer "no".
+        """
+        assert self.process.stdout is not None and self.process.stderr is not None
+        out, err = await asyncio.wait_for(
+            asyncio.gather(self.process.stdout.read(), self.process.stderr.read()), 60
+        )
+        await asyncio.wait_for(self.process.wait(), 60)
         assert self.process.returncode is not None
         self.err += err.decode()
         return self.process.returncode, json.loads(out), out.decode(), self.err
