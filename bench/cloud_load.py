@@ -376,7 +376,7 @@ def main() -> None:
     parser.add_argument(
         "--devices",
         type=int,
-        help="registered for the run (default: 8,000 per second of --seconds, at least 40,000)",
+        help="registered for the run (default: 12,000 per second of --seconds, at least 60,000)",
     )
     parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument(
@@ -388,8 +388,9 @@ def main() -> None:
         client_main(args.client)
         return
     if args.devices is None:
-        # Each device serves one bind/start: enough for ~5,000/s in the three phases that use them.
-        args.devices = max(40_000, int(8_000 * args.seconds))
+        # Each device serves one bind/start; at a closed-loop rate R the three phases that
+        # use them take ~2R per second (R, R/2 in pairs, R/2 paced): enough for R ≈ 6,000/s.
+        args.devices = max(60_000, int(12_000 * args.seconds))
     from cloud_helpers import PG_DSN, pg_url
 
     if args.backend in ("sqlite", "both"):

@@ -474,7 +474,10 @@ class DeviceRuntime:
         if disconnect:
             with contextlib.suppress(Exception):
                 await self.peripheral.disconnect()
-        if (line := self._session_end_text(session, event)) is not None:
+        line = self._session_end_text(session, event)
+        if session is self._provisioned_by:
+            self._provisioned_by = None  # don't keep an ended session (its keys) alive
+        if line is not None:
             await self.user.show(line)
 
     def _spawn_save(self) -> None:

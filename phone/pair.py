@@ -196,9 +196,12 @@ class StageLine:
     detail: str
 
 
-@dataclass
+@dataclass(repr=False)
 class ScriptedPairing:
-    """The ``CommissionerDelegate`` for ``pair``: answers from its arguments, prints stages."""
+    """The ``CommissionerDelegate`` for ``pair``: answers from its arguments, prints stages.
+
+    ``repr`` hides the passphrase.
+    """
 
     ssid: bytes
     passphrase: str
@@ -210,6 +213,9 @@ class ScriptedPairing:
     gave_up: tuple[Status, str] | None = None
     chosen_security: int | None = None
     _open: dict[Stage, tuple[float, str]] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"ScriptedPairing(ssid={self.ssid!r}, security={self.security})"
 
     async def stage_changed(self, stage: Stage, state: StageState, detail: str) -> None:
         now = self.clock()

@@ -63,6 +63,17 @@ class InitialKeys:
         return "InitialKeys(…)"
 
 
+def _subkey(k_init: bytes | InitialKeys, label: bytes) -> bytes:
+    """The sub-key ``label`` of ``K_init``: looked up if derived already, else derived alone."""
+    if isinstance(k_init, InitialKeys):
+        return {
+            LABEL_KEY_HELLO: k_init.hello,
+            LABEL_KEY_SEAL: k_init.seal,
+            LABEL_KEY_WRAP: k_init.wrap,
+        }[label]
+    return hkdf(k_init, label, 32)
+
+
 def check_commitment(m1: bytes, commissioner_pub: bytes, commissioner_nonce: bytes) -> Hello:
     """Decode M1 and check ``Cmt = H("DS1 commit" ‖ ePK_C ‖ N_C)``."""
     hello = decode_message(m1)
@@ -85,10 +96,7 @@ def parse_challenge(m2: bytes) -> Challenge:
 
 def verify_challenge_tag(k_init: bytes | InitialKeys, m1: bytes, m2: bytes) -> None:
     """Check ``tag_D`` on M2 under the device's ``K_hello``."""
-    if isinstance(k_init, InitialKeys):
-        k_hello = k_init.hello
-    else:
-        k_hello = hkdf(k_init, LABEL_KEY_HELLO, 32)
+    k_hello = _subkey(k_init, LABEL_KEY_HELLO)
     expected = challenge_tag(k_hello, m1, m2[:-16])
     if not equal(expected, m2[-16:]):
         raise AuthenticationError("device tag does not verify", code="bad_tag")
@@ -98,10 +106,7 @@ def build_seal(
     k_init: bytes | InitialKeys, th: bytes, n_d: bytes, session_secret: bytes, nonce: bytes
 ) -> bytes:
     """``seal = n ‖ AEAD(K_seal, n, N_D ‖ R, aad = TH)`` (76 bytes)."""
-    if isinstance(k_init, InitialKeys):
-        k_seal = k_init.seal
-    else:
-        k_seal = hkdf(k_init, LABEL_KEY_SEAL, 32)
+    k_seal = _subkey(k_init, LABEL_KEY_SEAL)
     return nonce + aead_seal(k_seal, nonce, n_d + session_secret, th)
 
 
@@ -127,10 +132,7 @@ def build_wrapped_identity(
     k_init: bytes | InitialKeys, th: bytes, identity: Identity, nonce: bytes
 ) -> bytes:
     """``W = n ‖ AEAD(K_wrap, n, identifier ‖ K_dev ‖ u32(epoch), aad = TH)`` (80 bytes)."""
-    if isinstance(k_init, InitialKeys):
-        k_wrap = k_init.wrap
-    else:
-        k_wrap = hkdf(k_init, LABEL_KEY_WRAP, 32)
+    k_wrap = _subkey(k_init, LABEL_KEY_WRAP)
     plain = identity.identifier + identity.k_dev + u32(identity.epoch)
     return nonce + aead_seal(k_wrap, nonce, plain, th)
 

@@ -826,3 +826,19 @@ def test_the_log_level_reaches_the_clouds_own_messages() -> None:
     finally:
         logger.setLevel(saved[0])
         logger.handlers[:] = saved[1]
+
+
+async def test_the_201_body_is_compact_json_with_the_model_escaped() -> None:
+    """The bind/start body is formatted directly (not through json.dumps): the same bytes
+    json.dumps gives, also for a model with a quote, a backslash and non-ASCII letters."""
+    model = 'Lämp "Ö" \\ ☃'
+    record = new_factory_record(model)
+    async with in_process_cloud("sqlite:///:memory:") as c:
+        await register(c.registry, c.kek, [record])
+        token = await add_user(c.registry, "alice")
+        request = start_session(SimDevice(record)).request
+        response = await c.client.post("/v1/bind/start", json=request, headers=bearer(token))
+    assert response.status_code == 201
+    body = response.json()
+    assert body["device"] == {"dev_id": record.dev_id.hex(), "model": model}
+    assert response.content == json.dumps(body, separators=(",", ":")).encode("ascii")

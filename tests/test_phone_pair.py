@@ -626,3 +626,15 @@ async def test_a_cloud_that_limits_our_rate_exits_20_not_busy(
     assert summary["status"] is None and summary["status_name"] == "rate_limited"
     assert summary["stage"] == "Verify with cloud"
     assert summary["message"].startswith("Too many attempts; try again in ")
+
+
+def test_the_pairing_objects_never_show_the_passphrase() -> None:
+    from phone.pair import Pairing, ScriptedPairing
+
+    delegate = ScriptedPairing(b"DoorstepHome", HOME_PASSPHRASE, 1, None, io.StringIO())
+    pairing = Pairing(
+        MemoryAir().central(), None, DEVICE_NAME, "DoorstepHome", HOME_PASSPHRASE,
+        yes=True, out=io.StringIO(),
+    )  # fmt: skip
+    for shown in (repr(delegate), repr(pairing), str(delegate)):
+        assert HOME_PASSPHRASE not in shown and "DoorstepHome" in shown
