@@ -391,7 +391,7 @@ def main() -> None:
         # Each device serves one bind/start; at a closed-loop rate R the three phases that
         # use them take ~2R per second (R, R/2 in pairs, R/2 paced): enough for R ≈ 6,000/s.
         args.devices = max(60_000, int(12_000 * args.seconds))
-    from cloud_helpers import PG_DSN, pg_url
+    from cloud_helpers import PG_DSN, drop_pg_schema, pg_url
 
     if args.backend in ("sqlite", "both"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -399,7 +399,11 @@ def main() -> None:
             run(url, "sqlite", args.seconds, args.concurrency, args.devices, args.server_log)
     if args.backend in ("postgresql", "both"):
         if PG_DSN:
-            run(pg_url(), "postgresql", args.seconds, args.concurrency, args.devices, args.server_log)
+            url = pg_url()
+            try:
+                run(url, "postgresql", args.seconds, args.concurrency, args.devices, args.server_log)
+            finally:  # the run's own schema: leave the database as it was
+                asyncio.run(drop_pg_schema(url))
         else:
             print("[postgresql] skipped: set DOORSTEP_TEST_PG_DSN to a server to measure it")
 

@@ -489,7 +489,11 @@ async def test_version_6_indexes_owned_devices_only_and_owner_lists_stay_whole(
         if backend == "sqlite":
             sql = "SELECT name, sql FROM sqlite_master WHERE name LIKE 'devices_own%'"
         else:
-            sql = "SELECT indexname, indexdef FROM pg_indexes WHERE indexname LIKE 'devices_own%'"
+            # This test's own schema: other schemas of the database may hold the same tables.
+            sql = (
+                "SELECT indexname, indexdef FROM pg_indexes "
+                "WHERE schemaname = current_schema() AND indexname LIKE 'devices_own%'"
+            )
         ((name, definition),) = await registry.run(lambda tx: tx._tx.fetch(sql))
         assert name == "devices_owned"  # the old devices_owner is gone
         assert "WHERE" in definition and "owner_id IS NOT NULL" in definition
