@@ -451,21 +451,32 @@ async def test_window_closed_is_written_like_the_other_outcomes(
     )
 
 
-@pytest.mark.parametrize("cloud_case", ["token refused", "cloud unreachable"])
+@pytest.mark.parametrize("cloud_case", ["token refused", "cloud unreachable", "rate limited"])
 async def test_cloud_outcomes_exit_20_not_a_device_status(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cloud_case: str
 ) -> None:
-    """The cloud refusing the token (was exit 12, "device not verified") or out of reach
-    (was 13, "timed out") is not about the device: exit 20, named by its cause."""
+    """The cloud refusing the token (was exit 12, "device not verified"), out of reach
+    (was 13, "timed out") or limiting this user's rate (was 9, "the device is busy with
+    another phone") is not about the device: exit 20, named by its cause."""
     monkeypatch.setenv("PW", HOME_PASSPHRASE)
-    async with memory_rig(tmp_path) as rig, in_process_cloud("sqlite:///:memory:") as c:
-        await register(c.registry, c.kek, [rig.runtime.factory])
+    settings = Settings(database_url="sqlite:///:memory:", rate_per_user=1)
+    async with (
+        memory_rig(tmp_path) as rig,
+        in_process_cloud(settings.database_url, settings=settings) as c,
+    ):
+        other = new_factory_record()
+        await register(c.registry, c.kek, [rig.runtime.factory, other])
         token = await add_user(c.registry, "alice")
+        transport = httpx.ASGITransport(app=c.app)
         if cloud_case == "token refused":
-            transport = httpx.ASGITransport(app=c.app)
             link = CloudLink("http://cloud.test", "dst_not_the_token", transport=transport)
-        else:
+        elif cloud_case == "cloud unreachable":
             link = CloudLink("http://127.0.0.1:9", token)  # nothing listens on the discard port
+        else:
+            first = start_session(SimDevice(other)).request  # this user's one bind/start
+            answer = await c.client.post("/v1/bind/start", json=first, headers=bearer(token))
+            assert answer.status_code == 201
+            link = CloudLink("http://cloud.test", token, transport=transport)
         argv = ["--device", DEVICE_NAME, "--ssid", "DoorstepHome", "--passphrase-env", "PW"]
         out, err = io.StringIO(), io.StringIO()
         try:
@@ -486,6 +497,9 @@ async def test_cloud_outcomes_exit_20_not_a_device_status(
             "Failed (unauthorized): The cloud did not accept your token. — Check the token: "
             "Settings in the app, --token or DOORSTEP_TOKEN for a script."
         )
+    elif cloud_case == "rate limited":
+        assert summary["status_name"] == "rate_limited"
+        assert summary["message"].startswith("Too many attempts; try again in ")
     else:
         assert summary["status_name"] == "cloud_unavailable"
         assert summary["message"] == "Cannot reach the cloud."
@@ -592,40 +606,6 @@ async def test_an_abandoned_code_question_leaves_no_typed_answer_for_the_shell()
     finally:
         os.close(master)
         os.close(slave)
-
-
-async def test_a_cloud_that_limits_our_rate_exits_20_not_busy(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Too many bind/starts for this user is the cloud's limit on us, not the device
-    being busy with another phone (9), which the exit status used to say."""
-    monkeypatch.setenv("PW", HOME_PASSPHRASE)
-    settings = Settings(database_url="sqlite:///:memory:", rate_per_user=1)
-    async with (
-        memory_rig(tmp_path) as rig,
-        in_process_cloud(settings.database_url, settings=settings) as c,
-    ):
-        other = new_factory_record()
-        await register(c.registry, c.kek, [rig.runtime.factory, other])
-        token = await add_user(c.registry, "alice")
-        first = start_session(SimDevice(other)).request  # this user's one bind/start
-        assert (
-            await c.client.post("/v1/bind/start", json=first, headers=bearer(token))
-        ).status_code == 201
-        link = CloudLink("http://cloud.test", token, transport=httpx.ASGITransport(app=c.app))
-        argv = ["--device", DEVICE_NAME, "--ssid", "DoorstepHome", "--passphrase-env", "PW"]
-        out, err = io.StringIO(), io.StringIO()
-        try:
-            code = await pair_main(
-                parse(*argv, "--yes", "--json"), out, err, central=rig.central, cloud=link
-            )
-        finally:
-            await link.aclose()
-    assert code == EXIT_ENVIRONMENT == 20
-    summary = json.loads(out.getvalue())
-    assert summary["status"] is None and summary["status_name"] == "rate_limited"
-    assert summary["stage"] == "Verify with cloud"
-    assert summary["message"].startswith("Too many attempts; try again in ")
 
 
 def test_the_pairing_objects_never_show_the_passphrase() -> None:
