@@ -36,6 +36,7 @@ from onboarding_helpers import LocalBindService, ScriptedDeviceUser
 from phone.app import PhoneApp, create_app
 from phone.config import PhoneConfig
 from phone.history import History
+from phone.screens import ChooseNetworkScreen, ConfirmCodeScreen
 
 S = TypeVar("S", bound=Screen[Any])
 
@@ -250,6 +251,15 @@ async def wait_for_device(pilot: Pilot[Any], name: str = DEVICE_NAME) -> None:
         return any(str(table.get_row_at(i)[0]) == name for i in range(table.row_count))
 
     await wait_until(pilot, listed)
+
+
+async def to_network_choice(pilot: Pilot[Any]) -> ChooseNetworkScreen:
+    """From the device list: pair the rig's device, confirm its code, reach the network choice."""
+    await wait_for_device(pilot)
+    await pilot.press("enter")
+    await wait_screen(pilot, ConfirmCodeScreen)
+    await pilot.press("y")
+    return await wait_screen(pilot, ChooseNetworkScreen)
 
 
 async def type_into(pilot: Pilot[Any], selector: str, text: str, *, keys: bool = False) -> None:

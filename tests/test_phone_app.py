@@ -35,6 +35,7 @@ from phone_helpers import (
     OwnedRecord,
     app_for,
     memory_rig,
+    to_network_choice,
     type_into,
     wait_for_device,
     wait_screen,
@@ -102,11 +103,7 @@ async def test_wrong_passphrase_then_corrected_in_same_session(tmp_path: Path) -
     async with memory_rig(tmp_path) as rig:
         app = app_for(rig.central, rig.cloud)
         async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for_device(pilot)
-            await pilot.press("enter")
-            await wait_screen(pilot, ConfirmCodeScreen)
-            await pilot.press("y")
-            first = await wait_screen(pilot, ChooseNetworkScreen)
+            first = await to_network_choice(pilot)
             await type_into(pilot, "#passphrase", "not the passphrase")
             await pilot.press("enter")
 
@@ -135,11 +132,7 @@ async def test_invalid_passphrase_is_refused_inline_before_sending(tmp_path: Pat
     async with memory_rig(tmp_path) as rig:
         app = app_for(rig.central, rig.cloud)
         async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for_device(pilot)
-            await pilot.press("enter")
-            await wait_screen(pilot, ConfirmCodeScreen)
-            await pilot.press("y")
-            choose = await wait_screen(pilot, ChooseNetworkScreen)
+            choose = await to_network_choice(pilot)
             await type_into(pilot, "#passphrase", "short")
             await pilot.press("enter")
             await pilot.pause()
@@ -180,11 +173,7 @@ async def test_device_disappears_mid_pairing(tmp_path: Path) -> None:
     async with memory_rig(tmp_path, user=ScriptedDeviceUser(answer=None)) as rig:
         app = app_for(rig.central, rig.cloud, fade_after_s=0.2, drop_after_s=0.5)
         async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for_device(pilot)
-            await pilot.press("enter")
-            await wait_screen(pilot, ConfirmCodeScreen)
-            await pilot.press("y")
-            await wait_screen(pilot, ChooseNetworkScreen)
+            await to_network_choice(pilot)
             await type_into(pilot, "#passphrase", HOME_PASSPHRASE)
             await pilot.press("enter")
             await wait_until(pilot, lambda: bool(rig.user.requests))
@@ -259,11 +248,7 @@ async def test_device_gone_while_choosing_the_network(tmp_path: Path) -> None:
     async with memory_rig(tmp_path) as rig:
         app = app_for(rig.central, rig.cloud)
         async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for_device(pilot)
-            await pilot.press("enter")
-            await wait_screen(pilot, ConfirmCodeScreen)
-            await pilot.press("y")
-            await wait_screen(pilot, ChooseNetworkScreen)
+            await to_network_choice(pilot)
             await type_into(pilot, "#passphrase", HOME_PASSPHRASE)  # typed, not sent
 
             await rig.stop()
@@ -281,11 +266,7 @@ async def test_escape_cancels_and_device_returns_to_advertising(tmp_path: Path) 
         history = History.in_memory()
         app = app_for(rig.central, rig.cloud, history=history)
         async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for_device(pilot)
-            await pilot.press("enter")
-            await wait_screen(pilot, ConfirmCodeScreen)
-            await pilot.press("y")
-            await wait_screen(pilot, ChooseNetworkScreen)
+            await to_network_choice(pilot)
             await type_into(pilot, "#passphrase", HOME_PASSPHRASE)
             await pilot.press("enter")
             await wait_until(pilot, lambda: bool(rig.user.requests))
@@ -306,11 +287,7 @@ async def test_my_devices_lists_and_unbinds(tmp_path: Path) -> None:
         history = History.in_memory()
         app = app_for(rig.central, rig.cloud, history=history)
         async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for_device(pilot)
-            await pilot.press("enter")
-            await wait_screen(pilot, ConfirmCodeScreen)
-            await pilot.press("y")
-            await wait_screen(pilot, ChooseNetworkScreen)
+            await to_network_choice(pilot)
             await type_into(pilot, "#passphrase", HOME_PASSPHRASE)
             await pilot.press("enter")
             result = await wait_screen(pilot, ResultScreen)
@@ -507,11 +484,7 @@ async def test_giving_up_after_a_wifi_failure_shows_that_failure(tmp_path: Path)
     async with memory_rig(tmp_path) as rig:
         app = app_for(rig.central, rig.cloud)
         async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for_device(pilot)
-            await pilot.press("enter")
-            await wait_screen(pilot, ConfirmCodeScreen)
-            await pilot.press("y")
-            first = await wait_screen(pilot, ChooseNetworkScreen)
+            first = await to_network_choice(pilot)
             await type_into(pilot, "#passphrase", "not the passphrase")
             await pilot.press("enter")
             await wait_until(
