@@ -447,9 +447,14 @@ async def _write_and_register(
     # (Nothing else cancels ``registering``; if something did, exception() raises
     # CancelledError and the staged files stay for the next run to sort out.)
     failure = registering.exception()
-    if failure is not None and not await _committed_anyway(registry, batch):
-        _discard(staged)  # this run's files of devices that are not registered
-        raise failure
+    if failure is not None:
+        try:
+            committed = await _committed_anyway(registry, batch)
+        except Exception:  # cannot be asked: the staged files stay for the next run
+            raise failure from None
+        if not committed:
+            _discard(staged)  # this run's files of devices that are not registered
+            raise failure
     registered(len(batch))
     # No Ctrl-C can cut this short: run() turned SIGINT into a cancel, taken at an await.
     for partial, final in staged:
@@ -461,8 +466,7 @@ async def _write_and_register(
 
 async def _committed_anyway(registry: Registry, batch: list[FactoryRecord]) -> bool:
     """After a failed registration: whether its commit happened all the same (a
-    connection lost during COMMIT). If even that cannot be asked, the failure
-    propagates from here with the staged files kept for the next run."""
+    connection lost during COMMIT)."""
 
     dev_ids = [record.dev_id for record in batch]
 
