@@ -70,6 +70,7 @@ from cloud.keys import (
 from cloud.settings import EntropySourceLike, Settings
 from cloud.store.registry import (
     AttemptRecord,
+    BindStartCount,
     DeviceRecord,
     IdentityRecord,
     Registry,
@@ -313,22 +314,29 @@ class BindService:
         )
 
         async def body(tx: RegistryTransaction) -> bytes | RateLimited | None:
+            window = self.settings.rate_window_s
+            start = now - now % window
+            device, count, previous = await tx.open_bind_start(
+                challenge.dev_id, challenge.n_d, start
+            )
             # 3. rate limits: their counts are kept even when the request is refused
-            device, limited = await self._rate_limit(
-                tx, principal, challenge.dev_id, client_address, now
+            limited = await self._rate_limit(
+                tx, principal, challenge.dev_id, device, count.hits, client_address, now, start
             )
             if limited is not None:
+                await tx.save_bind_start(challenge.dev_id, count, None)
                 return limited
             # 4. device checks, then the attempt
             accepted, keys = self._device_challenge_ok(device, m1, m2, challenge)
             answer: bytes | None = None
-            previous = await tx.replay(challenge.dev_id, challenge.n_d)
             if previous is not None:
                 answer = self._identical_retry(previous, principal, request_hash, now)
                 accepted = accepted and answer is not None
             elif device is not None and device.owner_id not in (None, principal.user_id):
                 bound_ctr = device.bound_reset_ctr if device.bound_reset_ctr is not None else -1
                 accepted = accepted and challenge.reset_ctr > bound_ctr
+            if not accepted or device is None or answer is not None:
+                await tx.save_bind_start(challenge.dev_id, count, None)
             if not accepted or device is None:
                 await tx.audit(
                     "refused",
@@ -344,6 +352,7 @@ class BindService:
             return await self._new_attempt(
                 tx,
                 device,
+                count,
                 keys,
                 principal,
                 request_hash,
@@ -405,6 +414,7 @@ class BindService:
         self,
         tx: RegistryTransaction,
         device: DeviceRecord,
+        count: BindStartCount,
         keys: InitialKeys,
         principal: Principal,
         request_hash: bytes,
@@ -422,7 +432,9 @@ class BindService:
             draw = self._draw(_BIND_DRAW)
         attempt_id, session_secret, seal_nonce = draw[:16], draw[16:48], draw[48:60]
         identifier, k_dev, w_nonce = draw[60:76], draw[76:108], draw[108:120]
-        epoch = await tx.note_bind_start(device.dev_id, challenge.reset_ctr)
+        # Each attempt takes the device's next epoch; the highest reset_ctr seen rises.
+        epoch = device.last_epoch + 1
+        await tx.save_bind_start(device.dev_id, count, epoch, challenge.reset_ctr)
         ticket = cbor_encode(
             {
                 1: attempt_id,
@@ -479,18 +491,18 @@ class BindService:
         tx: RegistryTransaction,
         principal: Principal,
         dev_id: bytes,
+        device: DeviceRecord | None,
+        device_hits: int,
         client_address: str,
         now: int,
-    ) -> tuple[DeviceRecord | None, RateLimited | None]:
-        """Count this request in every bucket: the device (locked, None if unknown) and
-        the first bucket over its limit, if any.
+        start: int,
+    ) -> RateLimited | None:
+        """Count this request in the user's and the address's buckets; the first bucket
+        over its limit, if any.
 
-        A registered device is counted in its own row, an unknown dev_id in a
-        ``dev:`` bucket: either way two statements, and the same limit.
+        A registered device is counted in its own row (``device_hits``, read
+        with it), an unknown dev_id in a ``dev:`` bucket here, with the same limit.
         """
-        window = self.settings.rate_window_s
-        start = now - now % window
-        device, device_hits = await tx.count_bind_start(dev_id, start)
         user_bucket, address_bucket = f"user:{principal.user_id}", f"addr:{client_address}"
         buckets = [user_bucket, address_bucket]
         if device is None:
@@ -505,8 +517,8 @@ class BindService:
             (counts[address_bucket], self.settings.rate_per_address, "client address"),
         ):
             if hits > limit:
-                return device, RateLimited(start + window - now, scope)
-        return device, None
+                return RateLimited(start + self.settings.rate_window_s - now, scope)
+        return None
 
     # -- §6.2 bind/complete and §6.4 check-in ----------------------------------------------
 

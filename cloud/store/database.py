@@ -38,7 +38,9 @@ _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 class Transaction(Protocol):
-    """The statements one transaction can run."""
+    """The statements one transaction can run (``dialect`` as in :class:`Database`)."""
+
+    dialect: str
 
     async def fetchrow(self, sql: str, *args: Any) -> Row | None: ...
 
@@ -83,6 +85,7 @@ class _SqliteTransaction:
     """
 
     __slots__ = ("_cursor",)
+    dialect = "sqlite"
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         # One cursor for the batch: Connection.execute would make one per statement.
@@ -500,6 +503,8 @@ async def _in_connection_thread(conn: aiosqlite.Connection, fn: Callable[..., T]
 
 
 class _PostgresTransaction:
+    dialect = "postgresql"
+
     def __init__(self, conn: Any) -> None:
         self._conn = conn
 

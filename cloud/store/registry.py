@@ -15,6 +15,7 @@ device are serialised on every backend.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -133,6 +134,44 @@ _ATTEMPT_COLUMNS = (
     "attempt_id, dev_id, principal, user_id, request_hash, th, identifier, epoch, reset_ctr, "
     "answer_wrapped, created_at, expires_at, state, ack, completed_at, n_d, k_dev_wrapped"
 )
+_DEVICE_WIDTH = len(_DEVICE_COLUMNS.split(","))
+
+
+def _prefixed(columns: str, alias: str) -> str:
+    return ", ".join(f"{alias}.{name.strip()}" for name in columns.split(","))
+
+
+#: The device, its bind/start count and the replay record, in one statement (SQLite:
+#: the batch holds the database's write lock, so the read is also the lock).
+_OPEN_BIND_START_SQLITE = (
+    f"SELECT {_prefixed(_DEVICE_COLUMNS, 'd')}, d.rate_window, d.rate_hits, "
+    f"{_prefixed(_ATTEMPT_COLUMNS, 'a')} FROM devices d "
+    "LEFT JOIN attempts a ON a.dev_id = d.dev_id AND a.n_d = $2 WHERE d.dev_id = $1"
+)
+_OPEN_BIND_START_LOCK = (
+    f"SELECT {_DEVICE_COLUMNS}, rate_window, rate_hits FROM devices WHERE dev_id = $1 FOR UPDATE"
+)
+
+
+@functools.cache
+def _hits_sql(buckets: int) -> str:
+    values = ", ".join(f"(${i + 2}, $1, 1)" for i in range(buckets))
+    return (
+        f"INSERT INTO rate_counters (bucket, window_start, hits) VALUES {values} "
+        "ON CONFLICT (bucket, window_start) DO UPDATE SET hits = rate_counters.hits + 1 "
+        "RETURNING bucket, hits"
+    )
+
+
+@dataclass(frozen=True)
+class BindStartCount:
+    """A device's bind/start count: the window it counts in, and the requests in it."""
+
+    window_start: int
+    hits: int
+
+
+_NO_COUNT = BindStartCount(0, 0)
 
 
 class RegistryTransaction:
@@ -148,26 +187,61 @@ class RegistryTransaction:
         row = await self._tx.fetchrow(sql + (" FOR UPDATE" if lock else ""), dev_id)
         return None if row is None else _record(DeviceRecord, row)
 
-    async def count_bind_start(
-        self, dev_id: bytes, window_start: int
-    ) -> tuple[DeviceRecord | None, int]:
-        """Count a bind/start in the device's own row and lock it: ``(device, count in window)``.
+    async def open_bind_start(
+        self, dev_id: bytes, n_d: bytes | None, window_start: int
+    ) -> tuple[DeviceRecord | None, BindStartCount, AttemptRecord | None]:
+        """Lock the device, and read it with its bind/start count and the replay record.
 
-        ``(None, 0)`` for an unknown dev_id (count it with :meth:`hits` instead).
+        ``(device, count, attempt)``: the device (None if unknown), its count in
+        the window that starts at ``window_start`` including this request (to be
+        saved with :meth:`save_bind_start`), and the attempt that already
+        answered ``(dev_id, n_d)``, if any. On SQLite this is one statement. On
+        PostgreSQL the replay record is read after the lock is held: a read in
+        the locking statement would not see an attempt committed while it waited.
         """
-        row = await self._tx.fetchrow(
-            # An instance whose clock is behind counts into the current window
-            # rather than starting an older one over.
-            "UPDATE devices SET "
-            "rate_hits = CASE WHEN rate_window >= $2 THEN rate_hits + 1 ELSE 1 END, "
-            "rate_window = CASE WHEN rate_window >= $2 THEN rate_window ELSE $2 END "
-            f"WHERE dev_id = $1 RETURNING {_DEVICE_COLUMNS}, rate_hits",
+        if self._tx.dialect == "sqlite":
+            row = await self._tx.fetchrow(_OPEN_BIND_START_SQLITE, dev_id, n_d)
+            if row is None:
+                return None, _NO_COUNT, None
+            device = DeviceRecord(*row[:_DEVICE_WIDTH])
+            replay = (
+                None if row[_DEVICE_WIDTH + 2] is None else AttemptRecord(*row[_DEVICE_WIDTH + 2 :])
+            )
+        else:
+            row = await self._tx.fetchrow(_OPEN_BIND_START_LOCK, dev_id)
+            if row is None:
+                return None, _NO_COUNT, None
+            device = _record(DeviceRecord, row[:_DEVICE_WIDTH])
+            replay = None if n_d is None else await self.replay(dev_id, n_d)
+        window, hits = row[_DEVICE_WIDTH], row[_DEVICE_WIDTH + 1]
+        # An instance whose clock is behind counts into the current window
+        # rather than starting an older one over.
+        if window is not None and window >= window_start:
+            count = BindStartCount(window, hits + 1)
+        else:
+            count = BindStartCount(window_start, 1)
+        return device, count, replay
+
+    async def save_bind_start(
+        self, dev_id: bytes, count: BindStartCount, last_epoch: int | None, reset_ctr: int = -1
+    ) -> None:
+        """Write what :meth:`open_bind_start` read back: the count, the device's last
+        epoch and the highest reset_ctr seen (raised to ``reset_ctr`` if lower).
+
+        One statement of the same shape on every path, an unknown dev_id (no
+        row) included, so that refusals cost alike.
+        """
+        await self._tx.execute(
+            "UPDATE devices SET rate_window = $2, rate_hits = $3, "
+            "last_epoch = COALESCE($4, last_epoch), "
+            "max_reset_ctr = CASE WHEN max_reset_ctr > $5 THEN max_reset_ctr ELSE $5 END "
+            "WHERE dev_id = $1",
             dev_id,
-            window_start,
+            count.window_start,
+            count.hits,
+            last_epoch,
+            reset_ctr,
         )
-        if row is None:
-            return None, 0
-        return DeviceRecord(*(_b(row[i]) for i in range(len(row) - 1))), int(row[-1])
 
     async def register_devices(
         self, rows: Iterable[tuple[bytes, bytes, str, bytes]], now: int
@@ -178,18 +252,6 @@ class RegistryTransaction:
             "VALUES ($1, $2, $3, $4, $5)",
             [(*row, now) for row in rows],
         )
-
-    async def note_bind_start(self, dev_id: bytes, reset_ctr: int) -> int:
-        """Raise the highest reset_ctr seen and issue the next epoch; returns it."""
-        row = await self._tx.fetchrow(
-            "UPDATE devices SET last_epoch = last_epoch + 1, "
-            "max_reset_ctr = CASE WHEN max_reset_ctr > $2 THEN max_reset_ctr ELSE $2 END "
-            "WHERE dev_id = $1 RETURNING last_epoch",
-            dev_id,
-            reset_ctr,
-        )
-        assert row is not None
-        return int(row[0])
 
     async def set_binding(
         self,
@@ -398,15 +460,8 @@ class RegistryTransaction:
 
     async def hits(self, buckets: Sequence[str], window_start: int) -> dict[str, int]:
         """Count one request in each (distinct) bucket in one statement; their counts."""
-        values = ", ".join(f"(${i + 2}, $1, 1)" for i in range(len(buckets)))
-        rows = await self._tx.fetch(
-            f"INSERT INTO rate_counters (bucket, window_start, hits) VALUES {values} "
-            "ON CONFLICT (bucket, window_start) DO UPDATE SET hits = rate_counters.hits + 1 "
-            "RETURNING bucket, hits",
-            window_start,
-            *buckets,
-        )
-        return {str(row[0]): int(row[1]) for row in rows}
+        rows = await self._tx.fetch(_hits_sql(len(buckets)), window_start, *buckets)
+        return {row[0]: row[1] for row in rows}
 
     # -- users ------------------------------------------------------------------------
 
@@ -529,6 +584,7 @@ class Registry:
 
         Safe to run concurrently.
         """
+
         async def body(tx: Transaction) -> list[int]:
             applied: list[int] = []
             if self.dialect == "postgresql":
