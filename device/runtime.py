@@ -161,6 +161,7 @@ class DeviceRuntime:
         self._status: DeviceStatus | None = None
         self._save_lock = asyncio.Lock()
         self._provisioned_by: DeviceSession | None = None  # the session that sent RESULT 0
+        self._cut_by_reset: DeviceSession | None = None  # ended by a factory reset
         self.started = asyncio.Event()
         self.onboarded = asyncio.Event()  # set when a check-in made an identity active
         if self.state.active is None and not self.gate.window_open:
@@ -414,14 +415,18 @@ class DeviceRuntime:
             await self.user.show("The cloud refused the check-in; keeping the previous identity")
 
     async def _factory_reset(self) -> None:
+        cut = ""
         if self.session is not None and not self.session.closed:
+            # The reset's own line tells of the session: not "failed …; still provisioned".
+            self._cut_by_reset = self.session
+            cut = "the commissioner was disconnected; "
             await self._apply(self.session, self.session.connection_lost())
         if self._checkin_task is not None:
             self._checkin_task.cancel()
         self.state = DeviceState(reset_ctr=min(self.state.reset_ctr + 1, U32_MAX))
         self.gate.factory_reset()
         await self._save()
-        await self.user.show("Factory reset: identity and Wi-Fi erased, pairing window open")
+        await self.user.show(f"Factory reset: {cut}identity and Wi-Fi erased, pairing window open")
 
     # ---- session events -------------------------------------------------------------
 
@@ -477,6 +482,9 @@ class DeviceRuntime:
         line = self._session_end_text(session, event)
         if session is self._provisioned_by:
             self._provisioned_by = None  # don't keep an ended session (its keys) alive
+        if session is self._cut_by_reset:
+            self._cut_by_reset = None
+            line = None
         if line is not None:
             await self.user.show(line)
 

@@ -290,3 +290,29 @@ async def test_refused_and_failed_connections_are_told_as_such_not_as_a_new_prov
         f"Refused a commissioner: 10 window_closed; {still}",
         f"{factory.ble_name}: provisioned as {short} (epoch 1), not checking in (no cloud URL)",
     ]
+
+
+async def test_a_factory_reset_during_a_session_is_one_line_not_a_failure_first(
+    tmp_path: Path,
+) -> None:
+    """It used to print "Connection … failed …; still provisioned as …" before the reset line."""
+    air = MemoryAir()
+    factory = make_factory()
+    cloud = LocalBindService(LocalCloud(factory))
+    user = ScriptedDeviceUser(answer=None)  # still deciding when the reset comes
+    async with device(air, factory, tmp_path / "state", user) as runtime:
+        flow = asyncio.create_task(
+            Onboarding(air.central(), cloud, ScriptedCommissioner(choices=[GOOD])).run(ADDRESS)
+        )
+        await settle(lambda: bool(user.requests))
+        runtime.factory_reset()
+        report = await asyncio.wait_for(flow, 5)
+        await settle(lambda: user.messages[-1].startswith("Factory reset"))
+        assert not report.ok and cloud.completed == []
+        stored = DeviceStore(tmp_path / "state").load()
+        assert stored.reset_ctr == 1 and stored.pending is None and stored.wifi is None
+    assert user.messages == [
+        f"{factory.ble_name}: {WAITING}",
+        "Factory reset: the commissioner was disconnected; identity and Wi-Fi erased, "
+        "pairing window open",
+    ]
