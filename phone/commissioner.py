@@ -382,6 +382,16 @@ class Onboarding:
             await self.delegate.stage_changed(self._stage, StageState.FAILED, self.report.message)
         return self.report
 
+    async def _choose_again(self, asked: float) -> None:
+        """After a failed join, the user's next choice: NETWORK (since ``asked``) and JOIN
+        are timed anew, and NETWORK is the current stage again."""
+        self.report.timings.pop(Stage.NETWORK, None)
+        self.report.timings.pop(Stage.JOIN, None)
+        self._stage, self._stage_started = Stage.NETWORK, asked
+        self.report.stage = Stage.NETWORK
+        self._failure_shown = None
+        await self.delegate.stage_changed(Stage.NETWORK, StageState.RUNNING, "")
+
     async def _stage_failed(self, stage: Stage, detail: str) -> None:
         """A stage failed but the flow goes on (a Wi-Fi join the user may retry)."""
         self._failure_shown = (stage, detail)
@@ -568,9 +578,15 @@ class Onboarding:
         await self._enter(Stage.NETWORK)
         while True:
             asked = self.clock()
-            choice = await self._ask(
-                self.delegate.choose_network(networks, failure), "the network was being chosen"
-            )
+            try:
+                choice = await self._ask(
+                    self.delegate.choose_network(networks, failure),
+                    "the network was being chosen",
+                )
+            except (DS1Error, OnboardingError):
+                if failure is not None:  # lost while choosing again: not the join's failure
+                    await self._choose_again(asked)
+                raise
             if choice is None:
                 session.close(Status.REJECTED_BY_USER)
                 await self._flush_quietly()
@@ -579,13 +595,7 @@ class Onboarding:
                     raise OnboardingError(failure.status, explain(failure.status)[0])
                 raise OnboardingError(Status.REJECTED_BY_USER, "Cancelled.")
             if failure is not None:
-                # Another try: NETWORK (this choice) and JOIN are timed anew.
-                self.report.timings.pop(Stage.NETWORK, None)
-                self.report.timings.pop(Stage.JOIN, None)
-                self._stage, self._stage_started = Stage.NETWORK, asked
-                self.report.stage = Stage.NETWORK
-                self._failure_shown = None
-                await self.delegate.stage_changed(Stage.NETWORK, StageState.RUNNING, "")
+                await self._choose_again(asked)
             await self._enter(Stage.JOIN, choice.ssid.decode("utf-8", "replace"))
             session.provision(choice.ssid, choice.passphrase, choice.security)
             await self._flush()

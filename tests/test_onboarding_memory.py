@@ -24,7 +24,7 @@ from onboarding_helpers import (
     ScriptedCommissioner,
     ScriptedDeviceUser,
 )
-from phone.commissioner import NetworkChoice, Onboarding, Stage
+from phone.commissioner import NetworkChoice, Onboarding, Stage, StageState
 from protocol.errors import Status
 
 GOOD = NetworkChoice(b"DoorstepHome", "correct horse battery", 1)
@@ -185,6 +185,38 @@ async def test_giving_up_after_failed_join_reports_the_wifi_status(tmp_path: Pat
         assert report.status is Status.WIFI_AUTH_FAILED
         assert "passphrase" in report.message.lower()
         assert runtime.state.pending is None and cloud.completed == []
+
+
+class GoneWhileChoosingAgain(ScriptedCommissioner):
+    """Picks BAD; when asked again after the failed join, the device loses power."""
+
+    def __init__(self, runtime: DeviceRuntime) -> None:
+        super().__init__(choices=[BAD])
+        self.runtime = runtime
+
+    async def choose_network(self, networks, failure):  # type: ignore[no-untyped-def]
+        if failure is None:
+            return await super().choose_network(networks, failure)
+        self.failures.append(failure)
+        self.runtime.stop()
+        await asyncio.Event().wait()  # the user is still choosing
+        raise AssertionError("not reached")
+
+
+async def test_device_lost_while_choosing_again_fails_in_choose_network(tmp_path: Path) -> None:
+    """It used to be told as a failure of "Join Wi-Fi", the stage before the question."""
+    async with running_device(tmp_path) as (air, runtime, cloud, _user):
+        delegate = GoneWhileChoosingAgain(runtime)
+        report = await Onboarding(air.central(), cloud, delegate).run("C8:2B:96:1A:01:42")
+    assert [f.status for f in delegate.failures] == [Status.WIFI_AUTH_FAILED]
+    assert report.status is Status.PROTOCOL_ERROR and report.stage is Stage.NETWORK
+    assert report.message == "the device disconnected while the network was being chosen"
+    assert Stage.JOIN not in report.timings  # the failed try's timing went with it
+    assert report.timings[Stage.NETWORK] >= 0
+    *_, before, last = delegate.stages
+    assert before == (Stage.NETWORK, StageState.RUNNING, "")
+    assert last == (Stage.NETWORK, StageState.FAILED, report.message)
+    assert cloud.completed == []
 
 
 async def test_device_user_silent_for_60s_with_injected_clock(tmp_path: Path) -> None:
