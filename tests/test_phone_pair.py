@@ -414,6 +414,59 @@ async def test_ctrl_c_while_scanning(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert err.getvalue().splitlines()[-1] == summary["message"]
 
 
+def test_a_second_ctrl_c_while_the_pairing_winds_down_does_not_cut_it_short(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first Ctrl-C cancels; one pressed while the session closes only says so.
+
+    ``cmd_pair`` runs for real, with its signal handling; the pairing itself is a
+    stand-in that, once cancelled, takes its time to close (as closing the session
+    with a device does) and then reports. Before the fix the second press was a
+    KeyboardInterrupt that ended the command without that report.
+    """
+    import signal
+    import threading
+    import time
+
+    import phone.cli
+
+    started, second_pressed = threading.Event(), threading.Event()
+    cancellations: list[str] = []
+
+    async def pairing(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancellations.append("cancelled")
+        while not second_pressed.is_set():  # still closing the session
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # the loop sees the second press meanwhile
+        print("the cancelled summary", file=stdout)
+        return EXIT_INTERRUPTED
+
+    def press_ctrl_c_twice() -> None:
+        if not started.wait(10):
+            return  # never pressed at a test that did not get that far
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # a user's second press, not one merged with the first
+        os.kill(os.getpid(), signal.SIGINT)
+        second_pressed.set()
+
+    monkeypatch.setattr(phone.cli, "pair_main", pairing)
+    presser = threading.Thread(target=press_ctrl_c_twice)
+    presser.start()
+    try:
+        args = parse("--device", DEVICE_NAME, "--ssid", "DoorstepHome", "--passphrase-env", "PW")
+        code = phone.cli.cmd_pair(args)
+    finally:
+        presser.join(10)
+    out, err = capsys.readouterr()
+    assert code == EXIT_INTERRUPTED and cancellations == ["cancelled"]
+    assert out == "the cancelled summary\n"
+    assert err == "doorstep phone pair: stopping; closing the session first\n"
+
+
 # ---- a refusal names its device; outcomes outside DS1 exit 20 ----------------------------------
 
 
