@@ -209,10 +209,11 @@ class RegistryTransaction:
             )
         else:
             row = await self._tx.fetchrow(_OPEN_BIND_START_LOCK, dev_id)
+            # Read for an unknown dev_id too: a round trip less would tell it apart.
+            replay = None if n_d is None else await self.replay(dev_id, n_d)
             if row is None:
                 return None, _NO_COUNT, None
             device = _record(DeviceRecord, row[:_DEVICE_WIDTH])
-            replay = None if n_d is None else await self.replay(dev_id, n_d)
         window, hits = row[_DEVICE_WIDTH], row[_DEVICE_WIDTH + 1]
         # An instance whose clock is behind counts into the current window
         # rather than starting an older one over.
