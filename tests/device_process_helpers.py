@@ -154,6 +154,20 @@ async def add_user(stack: Stack, name: str) -> str:
     return out.strip().splitlines()[-1].strip()
 
 
+# ---- what a device process said ----------------------------------------------------------
+
+
+def device_log(handle: DeviceHandle) -> str:
+    """Everything the device process wrote (stdout and stderr of every run of it)."""
+    assert handle.proc is not None
+    return handle.proc.log.read_text(errors="replace")
+
+
+def device_lines(handle: DeviceHandle) -> list[str]:
+    """What the device told its user: its ``[device]`` lines, of every run, in order."""
+    return [line for line in device_log(handle).splitlines() if line.startswith("[device]")]
+
+
 # ---- the air ---------------------------------------------------------------------------
 
 

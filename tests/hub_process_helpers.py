@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bluezsim.process import SimControl
 from demo.stack import Proc, Stack, StackError, doorstep_cmd
 from protocol.factory import FactoryRecord
 
@@ -56,6 +57,28 @@ async def running_stack(workdir: Path, **options: Any) -> AsyncIterator[Stack]:
             yield stack
         finally:
             await stop_peers(stack)
+
+
+@contextlib.asynccontextmanager
+async def sim_control(stack: Stack) -> AsyncIterator[SimControl]:
+    """The fault controls of the stack's ``doorstep sim`` (its ``org.doorstep.Sim1``)."""
+    control = await SimControl.connect(stack.env["DBUS_SYSTEM_BUS_ADDRESS"])
+    try:
+        yield control
+    finally:
+        await control.close()
+
+
+async def sim_address(stack: Stack, control: SimControl, name: str, timeout: float = 10) -> str:
+    """The address the simulator gave the peripheral advertising as ``name``."""
+    listed = await poll(
+        control.peripherals,
+        lambda ps: name in [n for _a, n in ps],
+        timeout,
+        what=f"{name} advertising in the simulator",
+        stack=stack,
+    )
+    return next(a for a, n in listed if n == name)
 
 
 async def poll(

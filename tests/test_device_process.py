@@ -37,6 +37,8 @@ from device_process_helpers import (
     RawSession,
     RecordingCloudLink,
     add_user,
+    device_lines,
+    device_log,
     doorstep,
     find,
     hello_status,
@@ -162,13 +164,6 @@ async def test_wrong_passphrase_then_right_one_joins_without_a_reset(stack: Stac
 # ---- 2b. what the device's log says -------------------------------------------------------
 
 
-def device_lines(handle: DeviceHandle) -> list[str]:
-    """The device's own lines in its log (stdout and stderr of every run), in order."""
-    assert handle.proc is not None
-    text = handle.proc.log.read_text(errors="replace")
-    return [line for line in text.splitlines() if line.startswith("[device]")]
-
-
 async def test_device_log_tells_each_failed_join_refusal_and_failure_once(stack: Stack) -> None:
     """It used to say nothing on a failed join and "Provisioned as …" after every refusal."""
     handle = await new_device(stack)
@@ -206,8 +201,7 @@ async def test_device_log_tells_each_failed_join_refusal_and_failure_once(stack:
         f"({closed})",
         f"[device] {handle.name}: provisioned as {short} (epoch 1; {closed})",
     ]
-    assert handle.proc is not None
-    log = handle.proc.log.read_text(errors="replace")
+    log = device_log(handle)
     assert GOOD.passphrase not in log and WRONG.passphrase not in log
 
 

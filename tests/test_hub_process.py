@@ -21,6 +21,7 @@ from ble.profile import AdvState
 from cloud.client import CloudClient
 from demo.stack import DeviceHandle, Stack
 from device.storage import DeviceStore
+from device_process_helpers import device_lines, device_log
 from hub_process_helpers import (
     HOME_PASSPHRASE,
     HUB_MODEL,
@@ -30,6 +31,8 @@ from hub_process_helpers import (
     onboarded_hub,
     poll,
     running_stack,
+    sim_address,
+    sim_control,
     stored_state,
     write_wifi,
 )
@@ -42,16 +45,6 @@ def use_stack_bus(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     """Let a BleakCentral in this process reach the simulator (restored after the test)."""
     for key, value in stack.env.items():
         monkeypatch.setenv(key, value)
-
-
-def broken_log(handle: DeviceHandle) -> str:
-    assert handle.proc is not None
-    return handle.proc.log.read_text(errors="replace")
-
-
-def device_lines(handle: DeviceHandle) -> list[str]:
-    """What the device told its user (its ``[device]`` lines), in order."""
-    return [line for line in broken_log(handle).splitlines() if line.startswith("[device]")]
 
 
 def hub_lines(hub: HubProcess) -> list[str]:
@@ -67,8 +60,7 @@ def hub_identifier(hub: HubProcess) -> str:
 
 def prompts(handle: DeviceHandle) -> int:
     """How many times the device asked its user to confirm a join (its display)."""
-    assert handle.proc is not None
-    return handle.proc.log.read_text(errors="replace").count("join 'DoorstepHome'?")
+    return device_log(handle).count("join 'DoorstepHome'?")
 
 
 async def test_phone_onboards_hub_which_onboards_20_devices(tmp_path: Path) -> None:
@@ -167,7 +159,50 @@ async def test_failed_wifi_join_is_reported_once_and_not_retried(tmp_path: Path)
             "[device] Connection from a commissioner failed: 1 rejected_by_user (commissioner "
             "closed the session); waiting for a commissioner (pairing window open)",
         ]
-        assert HOME_PASSPHRASE not in hub.log_text() + broken_log(broken)
+        assert HOME_PASSPHRASE not in hub.log_text() + device_log(broken)
+
+
+async def test_dropped_link_is_retried_and_each_attempt_is_reported(tmp_path: Path) -> None:
+    """The retry line (who, code, reason, when) used to be tested only as a format."""
+    async with running_stack(tmp_path, timing=False) as stack:
+        stack.wifi_file = write_wifi(tmp_path / "wifi.json")
+        (device,) = await stack.add_devices(1)
+        async with sim_control(stack) as control:
+            address = await sim_address(stack, control, device.name)
+            # The radio drops the hub's first link to the device at its first write,
+            # once: M1 never reaches the device, so it earns no §5.6 back-off.
+            await control.drop_link(address, "before-write")
+        hub = await onboarded_hub(stack, confirm="accept", attempts=3)
+
+        await hub.wait_line("onboarded 1, failed 0, rejected 0", timeout=60)
+        (row,) = await hub.devices()
+        assert (row["name"], row["address"]) == (device.name, address)
+        assert (row["status"], row["attempt"], row["final"]) == (0, 2, True)
+        first, second = await hub.rows()  # every attempt, not only the latest
+        assert (first["attempt"], first["status"], first["status_name"], first["final"]) == (
+            1,
+            int(Status.PROTOCOL_ERROR),
+            "protocol_error",
+            False,
+        )
+        assert second == row
+        # "the device disconnected", "… while writing" if the write's error comes first
+        assert first["message"].startswith("the device disconnected"), first["message"]
+        who = f"[hub] {device.name} ({address})"
+        assert hub_lines(hub) == [
+            "[hub] not onboarded yet: advertising as a device for the phone app",
+            f"[hub] onboarded as {hub_identifier(hub)}; accepting devices",
+            f"{who}: attempt 1/3 failed: 11 protocol_error ({first['message']}); retrying in 1 s",
+            f"{who}: onboarded as {row['identifier'][:8]}",
+            "[hub] onboarded 1, failed 0, rejected 0",
+        ]
+        shown = await device_show(stack, device.state_dir)
+        assert shown["state"] == "active" and shown["identifier"] == row["identifier"][:8]
+        # The device saw a connection fail before M1, with no back-off to wait out.
+        assert device_lines(device)[1] == (
+            "[device] Connection from a commissioner failed: 11 protocol_error (disconnected); "
+            "waiting for a commissioner (pairing window open)"
+        )
 
 
 async def test_rejected_device_stays_untouched_and_advertising(
