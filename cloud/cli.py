@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cloud.errors import ConfigurationError
 from cloud.keys import ENV_KEK_FILE, PURPOSE_K_INIT, KeyEncryptionKey, load_kek, write_new_kek
@@ -35,6 +35,9 @@ from cloud.store.database import sqlite_path
 from cloud.store.registry import DeviceRecord, Registry, RegistryTransaction, open_registry
 from protocol.encoding import b64url_encode
 from protocol.factory import FactoryRecord
+
+if TYPE_CHECKING:
+    from uvicorn import Config
 
 T = TypeVar("T")
 
@@ -191,19 +194,73 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(
             f"serving {args.workers} workers on http://{args.host}:{args.port} …", file=sys.stderr
         )
-        uvicorn.run(
-            "cloud.app:app_from_env",
-            factory=True,
-            host=args.host,
-            port=args.port,
-            workers=args.workers,
-            log_level=args.log_level,
+        failure = _serve_workers(
+            uvicorn.Config(
+                "cloud.app:app_from_env",
+                factory=True,
+                host=args.host,
+                port=args.port,
+                workers=args.workers,
+                log_level=args.log_level,
+            )
         )
-        return 0
+        return 0 if failure is None else _fail(failure)
     app = app_from_env()  # what each of several workers builds, start-up heap frozen
     print(f"serving on http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _serve_workers(config: Config) -> str | None:
+    """Serve with ``config.workers`` processes, as ``uvicorn.run`` does; returns why serving
+    ended on its own (a worker failed), or None when it was stopped (Ctrl-C, SIGTERM).
+
+    uvicorn's supervisor replaces a worker that dies while serving, or that does
+    not answer its ping for ``config.timeout_worker_healthcheck`` seconds (it
+    kills that one with SIGKILL), and says so only at its ``info`` level: here
+    each replacement is a line on stderr. A worker that fails to start (uvicorn's
+    status 3: a replacement, say, once the database has become unusable) makes
+    it stop every worker and return just as after SIGTERM, so under
+    ``uvicorn.run`` the command ended with 0 and a supervisor (systemd, a
+    container runtime) took the failure for a clean stop.
+    """
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        failure: str | None = None
+
+        def keep_subprocess_alive(self) -> None:
+            if self.should_exit.is_set():
+                return
+            before = list(self.processes)
+            super().keep_subprocess_alive()
+            for process in before:
+                code = process.exitcode
+                if process not in self.processes:  # dead (or hung and killed) and replaced
+                    print(
+                        f"doorstep cloud: worker process [{process.pid}] {_how_it_ended(code)}; "
+                        "started another",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                elif code == STARTUP_FAILURE and self.should_exit.is_set():
+                    self.failure = (
+                        f"worker process [{process.pid}] failed to start "
+                        f"({_how_it_ended(code)}), so every worker was stopped"
+                    )
+
+    supervisor = Supervisor(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    return supervisor.failure
+
+
+def _how_it_ended(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+        return f"was killed by signal {-code}"
+    return f"exited with status {code}"
 
 
 def _cannot_listen(host: str, port: int) -> str | None:

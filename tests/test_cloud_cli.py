@@ -12,13 +12,25 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cloud.keys import KEK_SIZE, KeyEncryptionKey, load_kek
 from cloud.store.registry import open_registry
-from cloud_helpers import TEST_KEK, new_factory_record, register
+from cloud_helpers import (
+    PG_DSN,
+    PG_SKIP_REASON,
+    TEST_KEK,
+    drop_pg_schema,
+    free_port,
+    new_factory_record,
+    pg_url,
+    register,
+    server_env,
+)
 from doorstep_cli import main
 from protocol.encoding import b64url_encode
 from protocol.factory import FactoryRecord
@@ -51,6 +63,13 @@ def _one_line_error(text: str, *parts: str) -> None:
 
 def _sqlite_threads() -> int:
     return sum(1 for t in threading.enumerate() if "_connection_worker_thread" in t.name)
+
+
+def _no_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    for name in ("run", "Config"):  # one process; several workers
+        monkeypatch.setattr(uvicorn, name, lambda *a, **k: pytest.fail("served anyway"))
 
 
 def test_a_file_that_is_no_database_is_one_line_and_the_command_ends(tmp_path: Path) -> None:
@@ -113,9 +132,7 @@ def test_serve_refuses_a_bad_database_or_port_before_serving(
     message: str,
     workers: str,
 ) -> None:
-    import uvicorn
-
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served anyway"))
+    _no_serving(monkeypatch)
     monkeypatch.setenv("DOORSTEP_CLOUD_DB", f"sqlite:///{tmp_path}/cloud.db")
     argv = ["cloud", "serve", "--workers", workers, *args]
     assert main(argv) == 1
@@ -127,9 +144,7 @@ def test_serve_refuses_a_bad_database_or_port_before_serving(
 def test_serve_refuses_a_file_that_is_no_database(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    import uvicorn
-
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served anyway"))
+    _no_serving(monkeypatch)
     (tmp_path / "x.db").write_text("not sqlite")
     assert main(["cloud", "serve", "--db", f"sqlite:///{tmp_path}/x.db", "--workers", "2"]) == 1
     _one_line_error(capsys.readouterr().err, "[database_unavailable]")
@@ -323,9 +338,7 @@ def test_serve_on_a_port_in_use_says_so_before_serving(
 ) -> None:
     import socket
 
-    import uvicorn
-
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served anyway"))
+    _no_serving(monkeypatch)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -334,6 +347,100 @@ def test_serve_on_a_port_in_use_says_so_before_serving(
         assert main(argv) == 1
     err = capsys.readouterr().err
     _one_line_error(err, f"cannot listen on 127.0.0.1:{port}: Address already in use")
+
+
+def _workers_of(parent: int) -> list[int]:
+    """The worker processes (uvicorn's spawned children) of ``parent``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == parent and b"spawn_main" in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return sorted(found)
+
+
+def _answers(base: str) -> bool:
+    try:
+        return httpx.get(base + "/v1/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@contextlib.contextmanager
+def _serving_workers(url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``cloud serve --workers 2`` on ``url`` (its output in ``log``) once both workers
+    answer; killed, with its workers, and the schema dropped after."""
+    port = free_port()
+    argv = ["cloud", "serve", "--db", url, "--workers", "2", "--port", str(port)]
+    with log.open("wb") as out:
+        server = subprocess.Popen([*DOORSTEP, *argv], env=server_env(url), stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_workers_of(server.pid)) < 2 or not _answers(f"http://127.0.0.1:{port}"):
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        yield server
+    finally:
+        if server.poll() is None:  # a test failed: its workers too, not just the parent
+            for pid in _workers_of(server.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            server.kill()
+        server.wait(10)
+        asyncio.run(drop_pg_schema(url))
+
+
+@pytest.mark.skipif(not PG_DSN, reason=PG_SKIP_REASON)
+def test_serve_workers_replace_a_killed_worker_and_say_so(tmp_path: Path) -> None:
+    """uvicorn starts a new worker in place of one that dies but said so only at its info
+    level: now it is a line on stderr. SIGTERM still ends the command with 0."""
+    log = tmp_path / "serve.log"
+    with _serving_workers(pg_url(), log) as server:
+        first, second = _workers_of(server.pid)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while len(set(_workers_of(server.pid)) - {first, second}) < 1:
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+    text = log.read_text()
+    replaced = f"doorstep cloud: worker process [{first}] was killed by SIGKILL; started another"
+    assert replaced in text.splitlines() and "Traceback" not in text, text
+
+
+@pytest.mark.skipif(not PG_DSN, reason=PG_SKIP_REASON)
+def test_serve_workers_exit_1_when_a_worker_fails_after_start_up(tmp_path: Path) -> None:
+    """A worker dies while serving and the one started in its place fails to start:
+    uvicorn then stops every worker and returns as after SIGTERM, so ``serve`` ended
+    with 0 and a supervisor (systemd, a container runtime) took it for a clean stop."""
+    import asyncpg
+
+    from cloud.store.database import split_postgres_url
+
+    url = pg_url()
+    log = tmp_path / "serve.log"
+    with _serving_workers(url, log) as server:
+
+        async def forget_the_migrations() -> None:  # a new worker's then clash with the tables
+            dsn, schema = split_postgres_url(url)
+            conn = await asyncpg.connect(dsn, server_settings={"search_path": str(schema)})
+            try:
+                await conn.execute("DELETE FROM schema_version")
+            finally:
+                await conn.close()
+
+        asyncio.run(forget_the_migrations())
+        killed = _workers_of(server.pid)[0]
+        os.kill(killed, signal.SIGKILL)
+        assert server.wait(60) == 1, log.read_text()
+    lines = log.read_text().splitlines()
+    replaced = f"doorstep cloud: worker process [{killed}] was killed by SIGKILL; started another"
+    assert replaced in lines, lines
+    assert lines[-1].startswith("doorstep cloud: worker process ["), lines
+    assert lines[-1].endswith("failed to start (exited with status 3), so every worker was stopped")
 
 
 async def test_a_batch_whose_registration_fails_leaves_no_file(tmp_path: Path) -> None:
