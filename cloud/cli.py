@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -28,11 +29,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cloud.errors import ConfigurationError
-from cloud.keys import ENV_KEK_FILE, PURPOSE_K_INIT, KeyEncryptionKey, load_kek, write_new_kek
+from cloud.keys import (
+    ENV_KEK_FILE,
+    PURPOSE_K_INIT,
+    KeyEncryptionKey,
+    UnwrapError,
+    load_kek,
+    write_new_kek,
+)
 from cloud.service import BindService, hash_token
 from cloud.settings import ENV_DB, LOG_LEVELS, default_database_url
-from cloud.store.database import sqlite_path
+from cloud.store.database import split_postgres_url, sqlite_path, where_postgres
 from cloud.store.registry import DeviceRecord, Registry, RegistryTransaction, open_registry
+from protocol.display import printable
 from protocol.encoding import b64url_encode
 from protocol.factory import FactoryRecord
 
@@ -97,7 +106,7 @@ def add_parser(subparsers: Any) -> None:
     db_option(new)
     kek_option(new)
     new.add_argument("--count", type=int, required=True)
-    new.add_argument("--out", type=Path, required=True, help="directory for the JSON files")
+    new.add_argument("--out", required=True, help="directory for the JSON files")
     new.add_argument("--model", default="Doorstep Lock D1")
     new.set_defaults(func=cmd_factory_new)
 
@@ -143,6 +152,14 @@ def _db(args: argparse.Namespace) -> str:
     return str(args.db or default_database_url())
 
 
+def _db_label(url: str) -> str:
+    """The database of ``url`` as an operator recognises it, without credentials."""
+    if url.startswith("sqlite:"):
+        return sqlite_path(url)
+    dsn, schema = split_postgres_url(url)
+    return f"{where_postgres(dsn)}" + (f" (schema {schema})" if schema else "")
+
+
 def _run(coro: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(coro())  # type: ignore[arg-type]
 
@@ -165,6 +182,12 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
             return _reader_gone()
         except OSError as exc:
             return _fail(str(exc))
+        except sqlite3.Error as exc:  # e.g. a file this user may only read
+            return _fail(f"the database refused: {exc} [database_unavailable]")
+        except Exception as exc:
+            if type(exc).__module__.startswith("asyncpg"):
+                return _fail(f"the database refused: {exc} [database_unavailable]")
+            raise
 
     wrapper.__doc__ = func.__doc__
     return wrapper
@@ -183,11 +206,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     url = _db(args)
     if args.kek_file:
         os.environ[ENV_KEK_FILE] = args.kek_file
-    load_kek()  # fail early and clearly (kek_missing)
+    kek = KeyEncryptionKey(load_kek())  # fail early and clearly (kek_missing)
     os.environ[ENV_DB] = url
     os.environ[ENV_LOG_LEVEL] = args.log_level  # for the app in this process or each worker
     settings_from_env()  # likewise for DOORSTEP_CLOUD_* numbers (bad_settings)
-    _run(lambda: _check_database(url))  # and the database (bad_database_url, …_unavailable)
+    # and the database (bad_database_url, …_unavailable), and that the KEK is its own
+    _run(lambda: _check_database(url, kek))
     if (problem := _cannot_listen(args.host, args.port)) is not None:
         return _fail(problem)  # before "serving on …", not after it
     if args.workers > 1:
@@ -282,21 +306,44 @@ def _cannot_listen(host: str, port: int) -> str | None:
     return None
 
 
-async def _check_database(url: str) -> None:
+async def _check_database(url: str, kek: KeyEncryptionKey) -> None:
     """Open, migrate (as the app does when it starts) and close the database: a bad URL,
-    file or schema is a one-line error before serving.
+    file or schema, or a KEK that is not the database's, is a one-line error before serving.
 
     With several workers each would otherwise fail on its own, after
     "serving on …", with a traceback.
     """
     registry = await open_registry(url)
-    await registry.close()
+    try:
+        await _check_kek(registry, kek)
+    finally:
+        await registry.close()
+
+
+async def _check_kek(registry: Registry, kek: KeyEncryptionKey) -> None:
+    """The KEK must open what the database holds (one registered device's K_init).
+
+    With another KEK the cloud started, and refused every bind/start with 503
+    ``storage_unavailable``; ``factory new`` registered devices under a KEK no
+    server of that database could use.
+    """
+    device = await registry.run(lambda tx: tx.some_device())
+    if device is None:
+        return
+    try:
+        kek.unwrap(PURPOSE_K_INIT, device.dev_id, device.k_init_wrapped)
+    except UnwrapError:
+        raise ConfigurationError(
+            "the KEK does not open the secrets this database holds: use the KEK it was "
+            f"set up with ({ENV_KEK_FILE} or --kek-file)",
+            code="kek_mismatch",
+        ) from None
 
 
 @_guarded
 def cmd_migrate(args: argparse.Namespace) -> int:
     async def run() -> list[int]:
-        registry = await open_registry(_db(args), migrate=False)
+        registry = await open_registry(_db(args), migrate=False, create=True)
         try:
             return await registry.migrate()
         finally:
@@ -399,14 +446,19 @@ def _slicer(pool: memoryview) -> Callable[[int], bytes]:
 def cmd_factory_new(args: argparse.Namespace) -> int:
     if args.count < 1:
         return _fail("--count must be at least 1")
-    if not 1 <= len(args.model.encode("utf-8")) <= 32:
-        return _fail("--model must be 1–32 bytes of UTF-8")
+    if not 1 <= len(args.model.encode("utf-8")) <= 32 or not args.model.isprintable():
+        return _fail("--model must be 1–32 bytes of printable UTF-8")
+    if not args.out.strip():
+        return _fail("--out must name a directory")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return _fail(f"--out {out} is not a directory")
     kek = KeyEncryptionKey(load_kek(args.kek_file))
     from cloud.app import cloud_entropy
 
     entropy = cloud_entropy()
-    out: Path = args.out
     done = 0
+    interrupted = signal.SIGINT  # or SIGTERM: the exit status says which (128 + signal)
 
     def registered(count: int) -> None:
         nonlocal done
@@ -417,11 +469,20 @@ def cmd_factory_new(args: argparse.Namespace) -> int:
         # batch's commit is then waited for, never abandoned (_write_and_register).
         main = asyncio.current_task()
         assert main is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, main.cancel)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, `systemctl stop`, `timeout`
+
+            def stop(signum: int = signum) -> None:
+                nonlocal interrupted
+                interrupted = signal.Signals(signum)
+                main.cancel()
+
+            loop.add_signal_handler(signum, stop)
         # Durable commits: a record file is published only once its device's
         # registration would survive a power loss (_write_and_register).
         registry = await open_registry(_db(args), durable=True)  # a bad --db: before --out
         try:
+            await _check_kek(registry, kek)  # before any file is written
             out.mkdir(parents=True, exist_ok=True)
             with _exclusive(out):
                 await _recover_staged(registry, out)
@@ -457,7 +518,7 @@ def cmd_factory_new(args: argparse.Namespace) -> int:
         return _fail(
             f"interrupted after {done} of {args.count} devices: each one registered has "
             f"its record in {out}, and nothing else was kept",
-            status=130,
+            status=128 + interrupted,
         )
     print(f"wrote {args.count} factory record{'s' if args.count != 1 else ''} to {out}")
     return 0
@@ -692,7 +753,10 @@ def cmd_user_add(args: argparse.Namespace) -> int:
     user_id = _run(run)
     if user_id is None:
         return _fail(f"a user named {name!r} already exists")
-    print(f"user {name!r} added (id {user_id}); bearer token (shown once, keep it safe):")
+    # Which database: a `user add` without --db (or DOORSTEP_CLOUD_DB) goes to the default file.
+    print(
+        f"user {name!r} added to {_db_label(_db(args))} (id {user_id}); bearer token (shown once, keep it safe):"
+    )
     print(token)
     return 0
 
@@ -787,7 +851,7 @@ def _cell(column: str, value: Any) -> str:
         return ""
     if column == "last_checkin":  # Unix seconds in --json; a readable UTC time here
         return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(value))
-    return str(value)
+    return printable(str(value))  # a model name registered elsewhere may hold controls
 
 
 @_guarded

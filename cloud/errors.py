@@ -22,7 +22,8 @@ are translated by :func:`problem_from_ds1`. Details never carry key material.
     ├── InvalidRequest         422 invalid_request      JSON schema validation
     ├── RateLimited            429 rate_limited         with Retry-After
     ├── ServiceUnavailable     503 entropy_unavailable / storage_unavailable
-    └── ConfigurationError     (start-up only) kek_missing / kek_invalid / bad_database_url
+    └── ConfigurationError     (start-up only) kek_missing / kek_invalid / kek_mismatch /
+                                                bad_database_url / database_unavailable
 """
 
 from __future__ import annotations

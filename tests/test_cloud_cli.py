@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import signal
 import sqlite3
@@ -150,9 +151,18 @@ def test_serve_refuses_a_file_that_is_no_database(
     _one_line_error(capsys.readouterr().err, "[database_unavailable]")
 
 
-def test_factory_new_stopped_by_ctrl_c_keeps_files_and_devices_alike(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("stop", "presses", "status"),
+    [(signal.SIGINT, 3, 130), (signal.SIGTERM, 1, 143)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_factory_new_stopped_keeps_files_and_devices_alike(
+    tmp_path: Path, stop: signal.Signals, presses: int, status: int
+) -> None:
     """Every registered device has its record file, and no file is for an unknown device,
-    also when Ctrl-C comes again while a batch commits."""
+    also when Ctrl-C comes again while a batch commits. SIGTERM (`systemctl stop`,
+    `timeout`) stops it the same way: it used to end it as a crash would, with staged
+    files left for the next run to sort out and no word said."""
     db, out = tmp_path / "cloud.db", tmp_path / "records"
     assert _run("cloud", "migrate", "--db", f"sqlite:///{db}").returncode == 0
     command = ["cloud", "factory", "new", "--count", "200000", "--out", str(out)]
@@ -168,12 +178,12 @@ def test_factory_new_stopped_by_ctrl_c_keeps_files_and_devices_alike(tmp_path: P
     while b"devices registered" not in seen:  # the first batch is in: Ctrl-C now
         assert time.monotonic() < deadline and proc.poll() is None, seen
         seen += proc.stderr.read1(4096)
-    for _ in range(3):  # an impatient user: more Ctrl-C while the batch commits
-        proc.send_signal(signal.SIGINT)
+    for _ in range(presses):  # an impatient user: more Ctrl-C while the batch commits
+        proc.send_signal(stop)
         time.sleep(0.05)
     rest = proc.communicate(timeout=60)[1]
     err = (seen + rest).decode()
-    assert proc.returncode == 130, err
+    assert proc.returncode == status, err
     last = err.strip().splitlines()[-1].split("\r")[-1]
     assert last.startswith("doorstep cloud: interrupted after ") and "nothing else" in last
     assert "Traceback" not in err
@@ -462,3 +472,166 @@ async def test_a_batch_whose_registration_fails_leaves_no_file(tmp_path: Path) -
     finally:
         await registry.close()
     assert list(out.iterdir()) == [] and counted == []
+
+
+# ---- databases this user may only read, PostgreSQL that is not there ------------------------
+
+
+def _without_file_override() -> None:
+    """In the child: as root, lose the power to override file modes (as an operator who
+    is not the service's user has none), so that mode 0444 means read-only."""
+    if os.getuid() == 0:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+            if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_a_database_this_user_may_only_read_is_listed_and_refuses_writes(tmp_path: Path) -> None:
+    """Listing it printed the table, then a traceback from the closing checkpoint, and
+    then never ended; a write was a traceback too."""
+    db = tmp_path / "cloud.db"
+    record = new_factory_record()
+    asyncio.run(_register_records(db, [record]))
+    db.chmod(0o444)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*DOORSTEP, *args, "--db", f"sqlite:///{db}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=_without_file_override,
+        )
+
+    listed = run("cloud", "devices")
+    assert listed.returncode == 0 and listed.stderr == "", listed.stderr
+    assert record.dev_id.hex()[:8] in listed.stdout
+    added = run("cloud", "user", "add", "bob")
+    assert added.returncode == 1 and added.stdout == ""
+    assert added.stderr == (
+        "doorstep cloud: the database refused: attempt to write a readonly database "
+        "[database_unavailable]\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("postgresql://postgres:pw@127.0.0.1:1/test", "127.0.0.1:1/test: [Errno 111] Connect"),
+        ("postgresql://postgres@127.0.0.1/test?sslmode=bogus", "127.0.0.1/test: `sslmode`"),
+    ],
+    ids=["nothing listens", "bad option"],
+)
+def test_a_postgresql_database_that_cannot_be_used_is_one_line(
+    capsys: pytest.CaptureFixture[str], url: str, reason: str
+) -> None:
+    """These were tracebacks, or the bare errno text with no code."""
+    for command in (["devices"], ["migrate"], ["user", "add", "bob"]):
+        assert main(["cloud", *command, "--db", url]) == 1
+        err = capsys.readouterr().err
+        _one_line_error(
+            err, f"cannot use the PostgreSQL database {reason}", "[database_unavailable]"
+        )
+        assert "pw" not in err.replace("postgresql", "")
+
+
+@pytest.mark.skipif(not PG_DSN, reason=PG_SKIP_REASON)
+def test_listing_a_postgresql_schema_that_does_not_exist_creates_nothing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = pg_url()  # a fresh schema name, not created yet
+    schema = url.rsplit("schema=", 1)[1]
+    assert main(["cloud", "devices", "--db", url]) == 1
+    _one_line_error(
+        capsys.readouterr().err,
+        f"no schema {schema} in ",
+        "(create it with `doorstep cloud migrate`) [database_unavailable]",
+    )
+
+    async def exists() -> bool:
+        import asyncpg
+
+        conn = await asyncpg.connect(PG_DSN)
+        try:
+            found = await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", schema)
+            return bool(found)
+        finally:
+            await conn.close()
+
+    assert not asyncio.run(exists())
+    missing_db = PG_DSN.rsplit("/", 1)[0] + "/doorstep_no_such_database"
+    assert main(["cloud", "devices", "--db", missing_db]) == 1
+    _one_line_error(capsys.readouterr().err, 'database "doorstep_no_such_database" does not exist')
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--out", ""], "--out must name a directory"),
+        (["--out", "{file}"], "--out {file} is not a directory"),
+        (["--model", "Lamp\x1b[2J"], "--model must be 1–32 bytes of printable UTF-8"),
+    ],
+    ids=["empty out", "out is a file", "model with a control character"],
+)
+def test_factory_new_refuses_what_it_cannot_write_well(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str], message: str
+) -> None:
+    """An empty --out wrote into the current directory; a file gave "[Errno 17] File
+    exists"; a model name with control characters reached every listing of it."""
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    argv = ["cloud", "factory", "new", "--count", "1", "--db", f"sqlite:///{tmp_path}/c.db"]
+    if "--out" not in args:
+        argv += ["--out", str(tmp_path / "records")]
+    argv += [arg.format(file=afile) for arg in args]
+    assert main(argv) == 1
+    _one_line_error(capsys.readouterr().err, message.format(file=afile))
+    assert afile.read_text() == "mine" and not (tmp_path / "c.db").exists()
+
+
+def test_the_devices_table_shows_control_characters_as_question_marks(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A model name registered by other means reached the operator's terminal raw."""
+    db = tmp_path / "cloud.db"
+    asyncio.run(_register_records(db, [new_factory_record(model="Lamp\x1b]0;x\x07\n")]))
+    assert main(["cloud", "devices", "--db", f"sqlite:///{db}"]) == 0
+    table = capsys.readouterr().out
+    assert "Lamp?]0;x??" in table and "\x1b" not in table and len(table.splitlines()) == 2
+    assert main(["cloud", "devices", "--json", "--db", f"sqlite:///{db}"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["model"] == "Lamp\x1b]0;x\x07\n"
+
+
+def test_a_database_file_that_cannot_be_opened_is_one_line_and_no_thread_traceback() -> None:
+    """The one line came, then (most runs) two "Event loop is closed" tracebacks from the
+    thread of the connection that failed to open."""
+    for _ in range(3):
+        done = _run("cloud", "migrate", "--db", "sqlite:////proc/doorstep-x.db")
+        assert done.returncode == 1
+        _one_line_error(done.stderr, "cannot use /proc/doorstep-x.db", "[database_unavailable]")
+
+
+def test_a_kek_that_does_not_open_the_database_is_refused_before_serving_or_writing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The server started and answered every bind/start with 503; factory new registered
+    devices that no server of that database could use."""
+    db = tmp_path / "cloud.db"
+    asyncio.run(_register_records(db, [new_factory_record()]))  # under TEST_KEK
+    monkeypatch.setenv("DOORSTEP_KEK", b64url_encode(bytes(KEK_SIZE)))  # another KEK
+    _no_serving(monkeypatch)
+    expected = "the KEK does not open the secrets this database holds"
+    assert main(["cloud", "serve", "--db", f"sqlite:///{db}", "--port", "0"]) == 1
+    _one_line_error(capsys.readouterr().err, expected, "[kek_mismatch]")
+    out = tmp_path / "records"
+    argv = ["cloud", "factory", "new", "--count", "2", "--out", str(out), "--db", f"sqlite:///{db}"]
+    assert main(argv) == 1
+    _one_line_error(capsys.readouterr().err, expected, "[kek_mismatch]")
+    assert not out.exists()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM devices").fetchone() == (1,)
+    monkeypatch.setenv("DOORSTEP_KEK", b64url_encode(TEST_KEK))  # the right one: it works
+    assert main(argv) == 0

@@ -57,7 +57,7 @@ async def backend_registry(
     if backend == "postgresql" and not PG_DSN:
         pytest.skip(PG_SKIP_REASON)
     url = f"sqlite:///{tmp_path}/c.db" if backend == "sqlite" else pg_url()
-    registry = await open_registry(url, migrate=migrate)
+    registry = await open_registry(url, migrate=migrate, create=True)
     try:
         yield registry
     finally:

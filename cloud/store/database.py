@@ -231,9 +231,11 @@ class SqliteDatabase:
     @staticmethod
     async def _connect(path: str, busy_timeout_ms: int = _BUSY_TIMEOUT_MS) -> aiosqlite.Connection:
         # Used from the loop's thread and aiosqlite's, never at the same time.
+        conn = aiosqlite.connect(path, isolation_level=None, check_same_thread=False)
         try:
-            conn = await aiosqlite.connect(path, isolation_level=None, check_same_thread=False)
+            await conn
         except sqlite3.Error as exc:
+            await _thread_ended(conn)
             raise _unusable(path, exc) from None
         try:
             conn.row_factory = sqlite3.Row
@@ -418,11 +420,33 @@ class SqliteDatabase:
         if self._flusher is not None:
             with contextlib.suppress(BaseException):
                 await asyncio.shield(self._flusher)
-        if self._checkpointer is not None:
-            # On the connection that waits for other processes (busy_timeout 10 s).
-            await self._checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            await self._checkpointer.close()
-        await self._conn.close()
+        try:
+            if self._checkpointer is not None:
+                # On the connection that waits for other processes (busy_timeout 10 s).
+                # A file this process may only read cannot be checkpointed: that is
+                # for a writer to do, and no reason to leave the connections open.
+                try:
+                    await self._checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error as exc:
+                    log.info("no checkpoint on close: %s", exc)
+                finally:
+                    await self._checkpointer.close()
+        finally:
+            await self._conn.close()
+
+
+async def _thread_ended(conn: aiosqlite.Connection) -> None:
+    """Wait (at most 5 s) for the thread of a connection that failed to open to end.
+
+    aiosqlite stops it without waiting; if the loop closed first (the command
+    ended at once), the thread's last reply raised "Event loop is closed" there,
+    printed as two tracebacks after the one-line error.
+    """
+    thread = getattr(conn, "_thread", None)
+    for _ in range(5000):
+        if thread is None or not thread.is_alive():
+            return
+        await asyncio.sleep(0.001)
 
 
 def _unusable(path: str, exc: sqlite3.Error) -> ConfigurationError:
@@ -530,22 +554,52 @@ class PostgresDatabase:
         self._pool = pool
 
     @classmethod
-    async def open(cls, dsn: str, schema: str | None, max_size: int = 10) -> PostgresDatabase:
+    async def open(
+        cls, dsn: str, schema: str | None, max_size: int = 10, *, create: bool = True
+    ) -> PostgresDatabase:
+        """A pool on ``dsn`` (``schema`` created if ``create``, else it must exist).
+
+        A server that cannot be reached, a database or role that does not exist, a
+        refused login or a bad connection option is a :class:`ConfigurationError`
+        (``database_unavailable``) naming the database without credentials.
+        """
         import asyncpg
 
         settings: dict[str, str] = {}
-        if schema is not None:
-            conn = await asyncpg.connect(dsn)
-            try:
-                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
-            except asyncpg.UniqueViolationError:
-                pass  # another process created it at the same moment
-            finally:
-                await conn.close()
-            settings["search_path"] = schema
-        pool = await asyncpg.create_pool(
-            dsn, min_size=1, max_size=max_size, server_settings=settings
-        )
+        try:
+            if schema is not None:
+                conn = await asyncpg.connect(dsn)
+                try:
+                    if create:
+                        try:
+                            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+                        except asyncpg.UniqueViolationError:
+                            pass  # another process created it at the same moment
+                    elif not await conn.fetchval(
+                        "SELECT 1 FROM pg_namespace WHERE nspname = $1", schema
+                    ):
+                        raise ConfigurationError(
+                            f"no schema {schema} in {where_postgres(dsn)} "
+                            "(create it with `doorstep cloud migrate`)",
+                            code="database_unavailable",
+                        )
+                finally:
+                    await conn.close()
+                settings["search_path"] = schema
+            pool = await asyncpg.create_pool(
+                dsn, min_size=1, max_size=max_size, server_settings=settings
+            )
+        except (
+            OSError,
+            TimeoutError,
+            ValueError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+        ) as exc:
+            raise ConfigurationError(
+                f"cannot use the PostgreSQL database {where_postgres(dsn)}: {_reason(exc)}",
+                code="database_unavailable",
+            ) from None
         return cls(pool)
 
     async def run(self, body: Body[T], *, heavy: bool = False) -> T:
@@ -557,6 +611,21 @@ class PostgresDatabase:
 
     async def close(self) -> None:
         await self._pool.close()
+
+
+def where_postgres(dsn: str) -> str:
+    """``host:port/database`` of a PostgreSQL URL: never its user or password."""
+    parts = urlsplit(dsn)
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return f"{parts.hostname or 'localhost'}{port}{parts.path or '/'}"
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]
 
 
 # --- URLs -----------------------------------------------------------------------------
@@ -585,17 +654,18 @@ def sqlite_path(url: str) -> str:
     return url[len(prefix) :]
 
 
-async def open_database(url: str, *, durable: bool = False) -> Database:
+async def open_database(url: str, *, durable: bool = False, create: bool = True) -> Database:
     """Open the database named by ``url`` (see the module docstring).
 
     ``durable``: a commit survives a power loss once it returns (PostgreSQL's
-    default; on SQLite see :meth:`SqliteDatabase.open`).
+    default; on SQLite see :meth:`SqliteDatabase.open`). ``create``: a
+    PostgreSQL ``schema=`` that does not exist yet is created (else refused).
     """
     if url.startswith("sqlite:"):
         return await SqliteDatabase.open(sqlite_path(url), durable=durable)
     if url.startswith(("postgresql://", "postgres://")):
         dsn, schema = split_postgres_url(url)
-        return await PostgresDatabase.open(dsn, schema)
+        return await PostgresDatabase.open(dsn, schema, create=create)
     raise ConfigurationError(
         f"unsupported database URL (use sqlite:///PATH or postgresql://…): {url.split('@')[-1]}",
         code="bad_database_url",

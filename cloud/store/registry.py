@@ -308,6 +308,11 @@ class RegistryTransaction:
             found.update(_b(row[0]) for row in rows)
         return found
 
+    async def some_device(self) -> DeviceRecord | None:
+        """Any one registered device (None if there are none)."""
+        row = await self._tx.fetchrow(f"SELECT {_DEVICE_COLUMNS} FROM devices LIMIT 1")
+        return None if row is None else _record(DeviceRecord, row)
+
     async def count_devices(self) -> int:
         row = await self._tx.fetchrow("SELECT COUNT(*) FROM devices")
         return int(row[0]) if row else 0
@@ -635,8 +640,13 @@ async def _ensure_version_table(tx: Transaction, dialect: str) -> None:
     )
 
 
-async def open_registry(url: str, *, migrate: bool = True, durable: bool = False) -> Registry:
+async def open_registry(
+    url: str, *, migrate: bool = True, durable: bool = False, create: bool | None = None
+) -> Registry:
     """The registry at ``url``, its schema brought up to date unless ``migrate`` is False.
+
+    ``create`` (default: ``migrate``): a PostgreSQL ``schema=`` that does not exist
+    yet is created; otherwise it is refused (a mistyped name is not a new, empty cloud).
 
     ``durable``: each commit survives a power loss once it returns (see
     :func:`~cloud.store.database.open_database`).
@@ -645,7 +655,8 @@ async def open_registry(url: str, *, migrate: bool = True, durable: bool = False
     tables of the same names, say) is a :class:`ConfigurationError`
     (``database_unavailable``), with the database closed again.
     """
-    registry = Registry(await open_database(url, durable=durable))
+    create = migrate if create is None else create
+    registry = Registry(await open_database(url, durable=durable, create=create))
     if migrate:
         try:
             await registry.migrate()
