@@ -143,6 +143,11 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
+def _usage_error(message: str) -> int:
+    """A bad option value: status 2, as argparse's own errors and the other roles' commands."""
+    return _fail(message, status=2)
+
+
 def _fail(message: str, status: int = 1) -> int:
     print(f"doorstep cloud: {message}", file=sys.stderr)
     return status
@@ -200,9 +205,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cloud.app import ENV_LOG_LEVEL, app_from_env, settings_from_env
 
     if not 0 <= args.port <= 65535:
-        return _fail("--port must be 0–65535")
+        return _usage_error("--port must be 0–65535")
     if args.workers < 1:
-        return _fail("--workers must be at least 1")
+        return _usage_error("--workers must be at least 1")
     url = _db(args)
     if args.kek_file:
         os.environ[ENV_KEK_FILE] = args.kek_file
@@ -445,14 +450,14 @@ def _slicer(pool: memoryview) -> Callable[[int], bytes]:
 @_guarded
 def cmd_factory_new(args: argparse.Namespace) -> int:
     if args.count < 1:
-        return _fail("--count must be at least 1")
+        return _usage_error("--count must be at least 1")
     if not 1 <= len(args.model.encode("utf-8")) <= 32 or not args.model.isprintable():
-        return _fail("--model must be 1–32 bytes of printable UTF-8")
+        return _usage_error("--model must be 1–32 bytes of printable UTF-8")
     if not args.out.strip():
-        return _fail("--out must name a directory")
+        return _usage_error("--out must name a directory")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        return _fail(f"--out {out} is not a directory")
+        return _usage_error(f"--out {out} is not a directory")
     kek = KeyEncryptionKey(load_kek(args.kek_file))
     from cloud.app import cloud_entropy
 
@@ -734,7 +739,7 @@ def _staged_dev_id(path: Path) -> bytes:
 def cmd_user_add(args: argparse.Namespace) -> int:
     name = args.name.strip()
     if not name or len(name) > 64 or not name.isprintable():
-        return _fail("the user name must be 1–64 printable characters (no tabs or newlines)")
+        return _usage_error("the user name must be 1–64 printable characters (no tabs or newlines)")
     token = b64url_encode(os.urandom(32))
 
     async def run() -> int | None:
@@ -764,7 +769,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 @_guarded
 def cmd_devices(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
-        return _fail("--limit must be at least 1")
+        return _usage_error("--limit must be at least 1")
     limit = args.limit or (None if args.json else 1000)
     url = _db(args)
     if url.startswith("sqlite:"):

@@ -117,11 +117,11 @@ def test_a_database_that_cannot_be_made_is_one_line(
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "message", "status"),
     [
-        (["--db", "mysql://db.example/cloud"], "[bad_database_url]"),
-        (["--port", "99999"], "--port must be 0–65535"),
-        (["--workers", "0"], "--workers must be at least 1"),
+        (["--db", "mysql://db.example/cloud"], "[bad_database_url]", 1),
+        (["--port", "99999"], "--port must be 0–65535", 2),  # usage errors: 2, as argparse's
+        (["--workers", "0"], "--workers must be at least 1", 2),
     ],
 )
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -131,12 +131,13 @@ def test_serve_refuses_a_bad_database_or_port_before_serving(
     tmp_path: Path,
     args: list[str],
     message: str,
+    status: int,
     workers: str,
 ) -> None:
     _no_serving(monkeypatch)
     monkeypatch.setenv("DOORSTEP_CLOUD_DB", f"sqlite:///{tmp_path}/cloud.db")
     argv = ["cloud", "serve", "--workers", workers, *args]
-    assert main(argv) == 1
+    assert main(argv) == status
     err = capsys.readouterr().err
     _one_line_error(err, message)
     assert "serving" not in err
@@ -301,7 +302,7 @@ def test_devices_lists_create_nothing_and_json_lists_every_device(
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 1 + 1000 + 1 and table[-1] == "… 2 more (use --limit)"
     assert "2023-11-14 22:13:20Z" in table[1]  # a check-in time people can read
-    assert main(["cloud", "devices", "--db", f"sqlite:///{db}", "--limit", "0"]) == 1
+    assert main(["cloud", "devices", "--db", f"sqlite:///{db}", "--limit", "0"]) == 2
     _one_line_error(capsys.readouterr().err, "--limit must be at least 1")
 
 
@@ -326,7 +327,7 @@ def test_devices_into_a_pipe_that_closes_early_stops_quietly(tmp_path: Path) -> 
 def test_user_names_with_control_characters_are_refused(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str
 ) -> None:
-    assert main(["cloud", "user", "add", name, "--db", f"sqlite:///{tmp_path}/c.db"]) == 1
+    assert main(["cloud", "user", "add", name, "--db", f"sqlite:///{tmp_path}/c.db"]) == 2
     _one_line_error(capsys.readouterr().err, "printable characters")
 
 
@@ -587,7 +588,7 @@ def test_factory_new_refuses_what_it_cannot_write_well(
     if "--out" not in args:
         argv += ["--out", str(tmp_path / "records")]
     argv += [arg.format(file=afile) for arg in args]
-    assert main(argv) == 1
+    assert main(argv) == 2  # usage errors, as in the other roles' commands
     _one_line_error(capsys.readouterr().err, message.format(file=afile))
     assert afile.read_text() == "mine" and not (tmp_path / "c.db").exists()
 
