@@ -85,7 +85,10 @@ def add_parser(subparsers: Any) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8080, help="TCP port (0: any free port)")
     serve.add_argument(
-        "--workers", type=int, default=1, help="server processes (PostgreSQL for more than 1)"
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes (more than 1: PostgreSQL recommended; SQLite serialises them on one file)",
     )
     serve.add_argument(
         "--log-level",
