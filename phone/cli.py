@@ -8,13 +8,19 @@ pairs one device without a screen: one line per stage (stderr with
 ``--json`` a summary object on stdout. Exit codes (``EXIT_CODES``, also in
 ``--help``): 0–14 the DS1 status, always about the device or the session with
 it; 2 also for usage errors (bad arguments, unreadable passphrase file, a
-passphrase that does not fit ``--security``, no cloud configured); 20 for
+passphrase that does not fit ``--security``, no cloud configured), which
+``--json`` reports in the summary with ``status`` null and ``status_name``
+``usage_error`` (argparse's own errors, an unknown or missing option or a value
+of the wrong type, come before that: usage text on stderr, no summary); 20 for
 failures outside DS1 (the cloud unreachable or failing, refusing the token,
 no Bluetooth adapter; a device that joined but whose pairing the cloud could
 not be told of), which ``--json`` reports in the same summary with ``status``
 null and ``status_name`` the cause (e.g. ``cloud_unavailable``,
 ``unauthorized``); 130 when interrupted (Ctrl-C), with ``--json`` a summary
 whose ``status_name`` is ``cancelled``.
+
+``doorstep phone`` needs a terminal: Textual reads keys from stdin and draws on
+stderr. Without one it refuses at once (exit 2) and points to ``phone pair``.
 
 Cloud settings: flags, then ``DOORSTEP_CLOUD_URL``/``DOORSTEP_TOKEN``, then
 the saved settings file (``phone.config``). The passphrase and the token are
@@ -66,6 +72,8 @@ exit status:
             11 protocol error or link lost, 12 device not verified,
             13 timed out or device not found, 14 invalid Wi-Fi parameters
   2         also a usage error (arguments, passphrase file, no cloud configured)
+            (--json: status null, status_name "usage_error"; an unknown or
+            missing option prints usage only)
   20        outside DS1: the cloud unreachable or failing, the token refused,
             too many requests to the cloud, no Bluetooth adapter; or the device
             joined but the cloud could not be told (it completes the pairing
@@ -304,6 +312,9 @@ async def pair_main(
                 )
     except UsageError as exc:
         print(f"doorstep phone pair: {exc}", file=stderr)
+        if args.json:  # every outcome, a usage error too, is one summary
+            body = failure_summary(args.device, "usage_error", str(exc), exit_code=EXIT_USAGE)
+            _print_json(body, stdout)
         return EXIT_USAGE
     try:
         if central is None:
@@ -380,10 +391,13 @@ def _print_json(body: dict[str, object], stdout: TextIO) -> None:
     stdout.flush()
 
 
-def failure_summary(device: str, code: str, message: str, hint: str = "") -> dict[str, object]:
+def failure_summary(
+    device: str, code: str, message: str, hint: str = "", *, exit_code: int = EXIT_ENVIRONMENT
+) -> dict[str, object]:
     """The ``--json`` summary of a failure outside DS1: the shape of ``phone.pair.summary``.
 
-    There is no DS1 status: ``status`` is null, ``status_name`` the cause's stable code.
+    There is no DS1 status: ``status`` is null, ``status_name`` the cause's stable code
+    (``usage_error`` with ``exit_code`` 2, else a cause of exit 20).
     """
     from phone.commissioner import OnboardingReport, Stage
     from phone.pair import summary
@@ -392,7 +406,7 @@ def failure_summary(device: str, code: str, message: str, hint: str = "") -> dic
     report = OnboardingReport(
         Status.PROTOCOL_ERROR, Stage.CONNECT, message, hint, cause=code, outside_ds1=True
     )
-    return summary(report, device, exit_code=EXIT_ENVIRONMENT)
+    return summary(report, device, exit_code=exit_code)
 
 
 def _environment_failure(
@@ -413,6 +427,33 @@ def _environment_failure(
 # ---- doorstep phone (the app) ------------------------------------------------------------------
 
 
+def _is_terminal(stream: TextIO | None) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (OSError, ValueError):  # closed
+        return False
+
+
+def no_terminal_problem() -> str | None:
+    """Why the app cannot run here, or None: Textual reads stdin and draws on stderr.
+
+    Without a terminal it never ends and writes escape codes to stderr without end;
+    stdout is not used, so ``doorstep phone > log`` is fine.
+    """
+    if os.environ.get("TEXTUAL_DRIVER"):  # another driver (`textual serve`'s) brings its own I/O
+        return None
+    stdin, stderr = _is_terminal(sys.__stdin__), _is_terminal(sys.__stderr__)
+    if stdin and stderr:
+        return None
+    if not stdin and not stderr:
+        which = "stdin and stderr, where it draws, are not terminals"
+    elif not stdin:
+        which = "stdin is not one"
+    else:
+        which = "stderr, where it draws, is not one"
+    return f"no terminal for the app ({which}): to pair without one, use `doorstep phone pair`"
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     from phone.app import create_app
     from phone.history import History
@@ -421,6 +462,9 @@ def cmd_app(args: argparse.Namespace) -> int:
         config, store = cloud_config(args)
     except UsageError as exc:
         print(f"doorstep phone: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if (problem := no_terminal_problem()) is not None:
+        print(f"doorstep phone: {problem}", file=sys.stderr)
         return EXIT_USAGE
     try:
         central = make_central(getattr(args, "adapter", None))

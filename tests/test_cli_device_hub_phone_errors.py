@@ -394,9 +394,11 @@ def test_phone_pair_refuses_bad_options_before_doing_anything(
     monkeypatch.setenv("PW", passphrase)
     code, out, err = run(capsys, *pair_args("--json", *extra))
     assert code == 2
-    assert one_line(err) == f"doorstep phone pair: {message}"
-    assert out == ""  # no scan started, no summary
-    assert passphrase not in err
+    assert one_line(err) == f"doorstep phone pair: {message}"  # no scan started
+    body = json.loads(out)  # --json: the usage error's summary, and only that
+    assert (body["status"], body["status_name"], body["exit_code"]) == (None, "usage_error", 2)
+    assert body["message"] == message
+    assert passphrase not in out + err
 
 
 def test_phone_pair_refuses_a_cloud_url_from_the_environment(

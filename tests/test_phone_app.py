@@ -7,9 +7,14 @@ in-process) with a small owner registry, and the app runs ``Onboarding``.
 
 from __future__ import annotations
 
+import os
+import select
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from textual.widgets import DataTable, Digits, Input, Static
 
 from ble.memory import MemoryAir
@@ -495,3 +500,70 @@ async def test_giving_up_after_a_wifi_failure_shows_that_failure(tmp_path: Path)
             result = await wait_screen(pilot, ResultScreen)
             assert result.outcome.report.status is Status.WIFI_AUTH_FAILED
             assert "Check the passphrase and try again." in _text(result, "#summary")
+
+
+# ---- doorstep phone without a terminal ---------------------------------------------------------
+
+NO_TERMINAL = (
+    "doorstep phone: no terminal for the app ({which}): "
+    "to pair without one, use `doorstep phone pair`"
+)
+
+
+def _drain(fd: int) -> bytes:
+    """What a terminal's other end holds now (without waiting for more)."""
+    data = b""
+    while select.select([fd], [], [], 0.2)[0]:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: nobody holds the terminal open any more
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize(
+    ("stdin_tty", "stderr_tty", "which"),
+    [
+        (False, False, "stdin and stderr, where it draws, are not terminals"),
+        (False, True, "stdin is not one"),
+        (True, False, "stderr, where it draws, is not one"),
+    ],
+    ids=["no-terminal", "stdin-devnull", "stderr-pipe"],
+)
+def test_the_app_without_a_terminal_refuses_at_once(
+    tmp_path: Path, stdin_tty: bool, stderr_tty: bool, which: str
+) -> None:
+    """It ran forever, writing escape codes to stderr (about 1 MB in 10 s): Textual reads
+    keys from stdin and draws on stderr, so both must be terminals (stdout need not be)."""
+    env = {k: v for k, v in os.environ.items() if k != "TEXTUAL_DRIVER"}
+    env.update(
+        XDG_CONFIG_HOME=str(tmp_path / "config"),
+        XDG_DATA_HOME=str(tmp_path / "data"),
+        DBUS_SYSTEM_BUS_ADDRESS=f"unix:path={tmp_path}/no-such-bus",
+    )
+    controller, terminal = os.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "doorstep_cli", "phone", "--cloud", "http://127.0.0.1:9"],
+            stdin=terminal if stdin_tty else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=terminal if stderr_tty else subprocess.PIPE,
+            cwd=Path(__file__).resolve().parent.parent,
+            env=env,
+        )
+        try:
+            out, err = process.communicate(timeout=30)
+        finally:
+            process.kill()
+            process.wait()
+        if stderr_tty:
+            err = _drain(controller).replace(b"\r\n", b"\n")
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert process.returncode == 2  # like `device run` and `hub run` with nobody to answer
+    assert out == b""
+    assert err.decode() == NO_TERMINAL.format(which=which) + "\n"

@@ -36,6 +36,8 @@ from cloud_helpers import (
 from onboarding_helpers import ScriptedDeviceUser
 from phone.cli import EXIT_ENVIRONMENT, EXIT_INTERRUPTED, EXIT_USAGE, pair_main
 from phone.cloudlink import CloudLink
+from phone.pair import not_found_report
+from phone.pair import summary as summary_of
 from phone_helpers import (
     DEVICE_ADDRESS,
     DEVICE_NAME,
@@ -122,6 +124,151 @@ async def test_no_cloud_configured(no_saved_config: Path, monkeypatch: pytest.Mo
     assert await pair_main(args, io.StringIO(), err) == EXIT_USAGE
     assert "no cloud configured" in err.getvalue()
     assert HOME_PASSPHRASE not in err.getvalue()
+
+
+# ---- usage errors with --json: one summary too ----------------------------------------------
+
+CLOUD_URL_RULE = "must be an http:// or https:// URL with a host, e.g. https://cloud.example"
+SAVED = "{tmp}/config/doorstep/phone.json"
+WITH_CLOUD = ["--cloud", "https://cloud.example", "--token", "dst_test_token"]
+PW = ["--passphrase-env", "PW"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "cloud_url_env", "saved", "message"),
+    [
+        (["--ssid", "x" * 33, *PW, *WITH_CLOUD], None, None, "--ssid must be 1–32 bytes of UTF-8"),
+        (
+            ["--ssid", "Home", "--passphrase-env", "DOORSTEP_NO_SUCH", *WITH_CLOUD],
+            None,
+            None,
+            "environment variable DOORSTEP_NO_SUCH is not set",
+        ),
+        (
+            ["--ssid", "Home", "--passphrase-file", "/nonexistent/pw", *WITH_CLOUD],
+            None,
+            None,
+            "passphrase file /nonexistent/pw does not exist",
+        ),
+        (
+            ["--ssid", "Home", "--passphrase-file", "{tmp}", *WITH_CLOUD],
+            None,
+            None,
+            "cannot read passphrase file {tmp}: Is a directory",
+        ),
+        (
+            ["--ssid", "Home", "--passphrase-file", "{tmp}/latin1", *WITH_CLOUD],
+            None,
+            None,
+            "passphrase file {tmp}/latin1 is not UTF-8 text",
+        ),
+        (
+            ["--ssid", "Home", *PW, "--security", "0", *WITH_CLOUD],
+            None,
+            None,
+            "an open network takes no passphrase (--security 0: open)",
+        ),
+        (
+            ["--ssid", "Home", *PW, "--security", "9", *WITH_CLOUD],
+            None,
+            None,
+            "--security must be one of 0 (open), 1 (WPA2), 2 (WPA3), 3 (WPA2/WPA3); got 9",
+        ),
+        (
+            ["--ssid", "Home", *PW, "--scan-timeout", "0", *WITH_CLOUD],
+            None,
+            None,
+            "--scan-timeout must be a number of seconds above 0",
+        ),
+        (
+            ["--ssid", "Home", *PW, "--cloud", "cloud.example", "--token", "dst_test_token"],
+            None,
+            None,
+            f"--cloud {CLOUD_URL_RULE}",
+        ),
+        (
+            ["--ssid", "Home", *PW, "--token", "dst_test_token"],
+            "cloud.example",
+            None,
+            f"$DOORSTEP_CLOUD_URL {CLOUD_URL_RULE}",
+        ),
+        (
+            ["--ssid", "Home", *PW, "--token", "dst_test_token"],
+            None,
+            '{"cloud_url": "ftp://cloud.example"}',
+            f"cloud_url in {SAVED} {CLOUD_URL_RULE}",
+        ),
+        (["--ssid", "Home", *PW], None, "[1]", f"{SAVED} must hold a JSON object"),
+        (
+            ["--ssid", "Home", *PW, "--cloud", "https://cloud.example"],
+            None,
+            None,
+            "no cloud configured: pass --cloud and --token (or set DOORSTEP_CLOUD_URL and "
+            "DOORSTEP_TOKEN)",
+        ),
+    ],
+    ids=[
+        "ssid-too-long",
+        "passphrase-variable-unset",
+        "passphrase-file-missing",
+        "passphrase-file-a-directory",
+        "passphrase-file-not-utf8",
+        "passphrase-unfit-for-security",
+        "bad-security",
+        "bad-scan-timeout",
+        "bad-cloud-flag",
+        "bad-cloud-url-variable",
+        "bad-saved-cloud-url",
+        "saved-settings-not-an-object",
+        "no-token",
+    ],
+)
+async def test_a_usage_error_with_json_is_one_summary(
+    no_saved_config: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    cloud_url_env: str | None,
+    saved: str | None,
+    message: str,
+) -> None:
+    """With --json every outcome is one summary on stdout: a usage error (among them an
+    unreadable passphrase file and a bad cloud URL) printed only its line on stderr, and
+    a script reading stdout had nothing to parse."""
+    tmp = str(no_saved_config)
+    monkeypatch.setenv("PW", HOME_PASSPHRASE)
+    (no_saved_config / "latin1").write_bytes("pâssphrase".encode("latin-1"))
+    if cloud_url_env is not None:
+        monkeypatch.setenv("DOORSTEP_CLOUD_URL", cloud_url_env)
+    if saved is not None:
+        path = Path(SAVED.format(tmp=tmp))
+        path.parent.mkdir(parents=True)
+        path.write_text(saved)
+    args = parse("--device", DEVICE_NAME, *[a.format(tmp=tmp) for a in argv], "--yes", "--json")
+    out, err = io.StringIO(), io.StringIO()
+    assert await pair_main(args, out, err) == EXIT_USAGE
+    expected = message.format(tmp=tmp)
+    assert err.getvalue() == f"doorstep phone pair: {expected}\n"  # the human line stays
+    summary = json.loads(out.getvalue())  # one whole summary, nothing else
+    assert set(summary) == set(summary_of(not_found_report("x", 1.0), "x"))  # the usual shape
+    assert summary["status"] is None
+    assert summary["status_name"] == "usage_error"
+    assert summary["exit_code"] == EXIT_USAGE
+    assert summary["message"] == expected
+    assert summary["query"] == DEVICE_NAME
+    assert summary["device"] is None and summary["stages"] == [] and summary["seen"] == []
+    assert HOME_PASSPHRASE not in out.getvalue() + err.getvalue()
+    assert "dst_test_token" not in out.getvalue() + err.getvalue()
+
+
+async def test_a_usage_error_without_json_prints_only_its_line(
+    no_saved_config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PW", HOME_PASSPHRASE)
+    args = parse("--device", DEVICE_NAME, "--ssid", "x" * 33, *PW)
+    out, err = io.StringIO(), io.StringIO()
+    assert await pair_main(args, out, err) == EXIT_USAGE
+    assert out.getvalue() == ""
+    assert err.getvalue() == "doorstep phone pair: --ssid must be 1–32 bytes of UTF-8\n"
 
 
 # ---- pairing against a real device ----------------------------------------------------------
