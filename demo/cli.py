@@ -152,6 +152,12 @@ def _usage_error(args: argparse.Namespace) -> str | None:
     return None
 
 
+def interactive_terminal() -> bool:
+    """Whether the phone app can run here: it reads keys from stdin and draws on stderr,
+    and the demo's own lines go to stdout (``demo 2>log`` drew the app into the log)."""
+    return all(stream.isatty() for stream in (sys.stdin, sys.stdout, sys.stderr))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.dir is None:
         args.dir = data_dir()
@@ -164,7 +170,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "doorstep demo: dbus-daemon is missing (Debian: apt-get install dbus)", file=sys.stderr
         )
         return 2
-    if not args.headless and not (sys.stdin.isatty() and sys.stdout.isatty()):
+    if not args.headless and not interactive_terminal():
         say("not a terminal: running the scripted demo (--headless) instead of the phone app")
         args.headless = True
     try:

@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import termios
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,3 +350,24 @@ def test_the_default_directory_of_an_earlier_version_is_emptied(
     with pytest.raises(WorkdirError):
         prepare_workdir(other)
     assert _files(other) == before
+
+
+@pytest.mark.parametrize("redirected", ["", "stdin", "stdout", "stderr"])
+def test_the_app_runs_only_with_all_three_streams_on_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, redirected: str
+) -> None:
+    """``doorstep demo 2>log`` started the app, which draws on stderr, into the log."""
+    import pty
+
+    from demo.cli import interactive_terminal
+
+    leader, follower = pty.openpty()
+    read_end, write_end = os.pipe()
+    with contextlib.ExitStack() as stack:
+        for fd in (leader, follower, read_end, write_end):
+            stack.callback(os.close, fd)
+        for name in ("stdin", "stdout", "stderr"):
+            fd = write_end if name == redirected else follower
+            stream = stack.enter_context(open(fd, "w" if name != "stdin" else "r", closefd=False))
+            monkeypatch.setattr(sys, name, stream)
+        assert interactive_terminal() is (redirected == "")
