@@ -33,6 +33,12 @@ on the bus connection bless uses:
   ignored.
 * **Status changes** re-register the advertisement (BlueZ reads an
   advertisement's properties only when it is registered).
+* **Bluetooth going away.** When the bus connection closes (the D-Bus
+  daemon stopped: ``doorstep sim`` killed) or ``org.bluez`` leaves the bus
+  (bluetoothd stopped), ``next_event`` raises ``LinkError``
+  ``bluetooth_lost`` from then on, and ``stop`` makes no more D-Bus calls:
+  writes to a closed bus only left dbus-next's "Future exception was never
+  retrieved" tracebacks at exit.
 * **Object paths.** bless puts its application under ``/org/bluez/<name>``,
   where bleak takes every object for one of BlueZ's: each central on the
   same bus (a hub is both roles; so is every simulation) logged a
@@ -81,6 +87,8 @@ _MATCH_RULES = (
     f"type='signal',sender='{BLUEZ}',interface='{OBJMGR_IFACE}'",
     f"type='signal',sender='{BLUEZ}',interface='{PROPS_IFACE}',member='PropertiesChanged',"
     f"arg0='{DEVICE_IFACE}'",
+    "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+    f"member='NameOwnerChanged',arg0='{BLUEZ}'",
 )
 
 
@@ -102,6 +110,7 @@ def _plain(value: Any) -> Any:
 
 
 STOP_CALL_S = 2.0  # bound on each D-Bus call while stopping
+_LOST = LinkDown()  # queued (by identity) to wake ``next_event`` when Bluetooth goes away
 
 
 class BlessPeripheral:
@@ -125,6 +134,7 @@ class BlessPeripheral:
         self._adv_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
+        self._lost: str | None = None  # why Bluetooth went away, once it has
         self.address = ""  # our adapter's address, known after start()
 
     # ---- Peripheral ---------------------------------------------------------------
@@ -164,6 +174,7 @@ class BlessPeripheral:
         self._adapter_path = str(server.adapter.path)
         bus = server.bus
         bus.add_message_handler(self._on_message)
+        self._spawn(self._watch_bus(bus))
         for rule in _MATCH_RULES:
             await self._bus_call(
                 "org.freedesktop.DBus",
@@ -206,7 +217,12 @@ class BlessPeripheral:
         await self._register_advertisement(status)
 
     async def next_event(self) -> PeripheralEvent:
-        return await self._events.get()
+        """The next link event; ``LinkError`` ``bluetooth_lost`` once Bluetooth went away."""
+        if self._lost is None:
+            event = await self._events.get()
+            if event is not _LOST:
+                return event
+        raise LinkError(f"Bluetooth went away: {self._lost}", code="bluetooth_lost")
 
     async def notify(self, fragment: bytes) -> None:
         if self._server is None or self._peer is None:
@@ -232,6 +248,14 @@ class BlessPeripheral:
     async def stop(self) -> None:
         server = self._server
         if server is None:
+            return
+        if self._lost is not None:  # nothing to tell BlueZ, and maybe no bus to tell it on
+            self._server = None
+            for task in list(self._tasks):
+                task.cancel()
+            with contextlib.suppress(Exception):
+                server.bus.disconnect()
+            self._started = False
             return
         # Each D-Bus call is bounded: a bus that went away (the simulator or
         # bluetoothd stopped) must not make a stopping device hang.
@@ -353,7 +377,11 @@ class BlessPeripheral:
 
     def _on_signal(self, msg: Any) -> None:
         prefix = self._adapter_path + "/dev_"
-        if msg.interface == OBJMGR_IFACE and msg.member == "InterfacesAdded":
+        if msg.member == "NameOwnerChanged" and msg.sender == "org.freedesktop.DBus":
+            name, _old, new = msg.body
+            if name == BLUEZ and not new:
+                self._bluetooth_lost("bluetoothd (org.bluez) left the D-Bus system bus")
+        elif msg.interface == OBJMGR_IFACE and msg.member == "InterfacesAdded":
             path, interfaces = msg.body
             props = interfaces.get(DEVICE_IFACE)
             if str(path).startswith(prefix) and props is not None:
@@ -388,6 +416,28 @@ class BlessPeripheral:
         self._dropped.discard(path)
         if self._peer == path:
             self._link_down()
+
+    async def _watch_bus(self, bus: Any) -> None:
+        """Wait for bless's bus connection to close; if it was not ``stop``, Bluetooth is gone.
+
+        Awaiting ``wait_for_disconnect`` also retrieves the error the bus closed with
+        (EOFError): left alone, asyncio printed it as a traceback at exit.
+        """
+        try:
+            await bus.wait_for_disconnect()
+            reason = "the D-Bus system bus closed the connection"
+        except Exception as exc:
+            reason = f"the D-Bus system bus went away ({type(exc).__name__})"
+        if self._server is not None:
+            self._bluetooth_lost(reason)
+
+    def _bluetooth_lost(self, reason: str) -> None:
+        if self._lost is not None:
+            return
+        log.info("Bluetooth went away: %s", reason)
+        self._lost = reason
+        self._peer = None
+        self._events.put_nowait(_LOST)
 
     def _link_up(self, peer: str) -> None:
         self._peer = peer

@@ -12,12 +12,22 @@ import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from device.wifi import WifiEnvironment
     from protocol.factory import FactoryRecord
 
 PIDFILE = "device.pid"
+EXIT_USAGE = 2  # a usage error, or the device could not start (no Bluetooth, a bad state)
+EXIT_BLUETOOTH_LOST = 1  # it ran, then Bluetooth went away
+EXIT_INTERRUPTED = 130  # Ctrl-C
+RUN_EPILOG = """exit status:
+  0    stopped (SIGTERM)
+  1    Bluetooth went away while the device ran
+  2    a usage error, or the device could not start (no Bluetooth adapter,
+       an unusable state directory, another device's state)
+  130  interrupted (Ctrl-C)"""
 # M2's ``fw`` is a text string of at most 16 bytes (protocol.messages.Challenge, PROTOCOL.md §4):
 # a longer one makes every commissioner refuse the device at the first message.
 FW_MAX_BYTES = 16
@@ -28,7 +38,12 @@ def add_parser(subparsers: Any) -> None:
     device.set_defaults(func=lambda _a: (device.print_help(), 2)[1])
     sub = device.add_subparsers(dest="device_command", metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the device: advertise, onboard, join Wi-Fi, check in")
+    run = sub.add_parser(
+        "run",
+        help="run the device: advertise, onboard, join Wi-Fi, check in",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("--factory", required=True, type=Path, help="factory record JSON (§7)")
     run.add_argument("--state", required=True, type=Path, help="state directory")
     run.add_argument(
@@ -63,13 +78,30 @@ def add_parser(subparsers: Any) -> None:
 
 def _fail(message: str) -> int:
     print(f"doorstep device: {message}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
 
 
 NO_TERMINAL = (
     "no terminal to answer pairing requests on (stdin is not one): "
     "pass --confirm accept or --confirm reject"
 )
+
+
+def cloud_url_problem(url: str, what: str) -> str | None:
+    """Why ``url`` is no cloud base URL (``what`` names where it came from), or None.
+
+    The same rule and words as ``phone pair``'s ``--cloud`` (phone/cli.py), which the
+    device does not import: a device never depends on the phone's code.
+    """
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        _ = parts.port  # ValueError when the port is not a number in 0..65535
+    except ValueError:
+        ok = False
+    if ok:
+        return None
+    return f"{what} must be an http:// or https:// URL with a host, e.g. https://cloud.example"
 
 
 def load_factory(path: Path) -> FactoryRecord:
@@ -109,6 +141,24 @@ def missing_directories(path: Path) -> list[Path]:
     return missing
 
 
+def state_dir_problem(state: Path) -> str | None:
+    """Why ``state`` cannot be a state directory (worded as ``demo --dir`` words it), or None.
+
+    Only looks; what this does not catch (no permission, say) the store reports itself.
+    """
+    try:
+        if state.exists():
+            return None if state.is_dir() else f"{state} is not a directory"
+        if state.is_symlink():
+            return f"{state} is a dangling symbolic link, not a directory"
+        parent = next((p for p in state.absolute().parents if p.exists()), None)
+    except OSError:
+        return None
+    if parent is not None and not parent.is_dir():
+        return f"{parent} is not a directory (in --state {state})"
+    return None
+
+
 def remove_if_empty(directories: list[Path]) -> None:
     """Remove ``directories`` (deepest first) while they are empty, so a failed start
     leaves no trace; a directory with anything in it (a saved state) stays."""
@@ -140,6 +190,7 @@ def _running_pid(state: Path) -> int | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from ble.errors import BLUETOOTH_HINT, LinkError
     from device.storage import StorageError
     from device.wifi import WifiConfigError
     from protocol.errors import MessageError
@@ -153,6 +204,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"--fw must be at most {FW_MAX_BYTES} bytes of UTF-8 (the firmware version "
             f"sent in M2), got {fw_bytes}"
         )
+    if args.cloud:  # an empty --cloud is no --cloud, as for phone pair
+        cloud_problem = cloud_url_problem(args.cloud, "--cloud")
+    elif env_cloud := os.environ.get("DOORSTEP_CLOUD_URL"):
+        cloud_problem = cloud_url_problem(env_cloud, "$DOORSTEP_CLOUD_URL")
+    else:
+        cloud_problem = None
+    if cloud_problem is not None:
+        return _fail(cloud_problem)
     try:
         factory = load_factory(args.factory)
     except OSError as exc:
@@ -163,6 +222,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         wifi = load_wifi(args.wifi)  # before the state directory is touched
     except WifiConfigError as exc:
         return _fail(str(exc))
+    if (problem := state_dir_problem(args.state)) is not None:
+        return _fail(problem)
     if args.confirm == "prompt" and not sys.stdin.isatty():
         # Nobody could answer: every pairing would wait out its 60 s and fail as "rejected".
         return _fail(NO_TERMINAL)
@@ -179,11 +240,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (StorageError, WifiConfigError) as exc:
         return _fail(str(exc))
     except Exception as exc:
+        if isinstance(exc, LinkError) and exc.code == "bluetooth_lost":
+            # It ran, then lost its radio: no usage error, so not _fail's status.
+            print(f"doorstep device: {exc.message} ({BLUETOOTH_HINT})", file=sys.stderr)
+            return EXIT_BLUETOOTH_LOST
         if (problem := bluetooth_problem(exc)) is None:
             raise
         return _fail(problem)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def build_runtime(
@@ -195,10 +260,13 @@ def build_runtime(
     cloud_url: str | None,
     adapter: str | None = None,
     fw: str = "1.0.0",
+    stop_if_bluetooth_lost: bool = False,
 ) -> tuple[Any, Any, Any]:
     """A device runtime on the BlueZ peripheral: ``(runtime, user, checkin)``.
 
     Shared by ``doorstep device run`` and the hub's first boot (a hub is a device first).
+    ``stop_if_bluetooth_lost``: ``runtime.run()`` raises ``LinkError`` ``bluetooth_lost``
+    when Bluetooth goes away (``device run`` asks for it; the hub does not, yet).
     Start a ``TerminalUser`` once ``wait_started`` says the device advertises: a reader
     blocked on stdin would keep a device that failed to start from exiting.
     """
@@ -217,7 +285,18 @@ def build_runtime(
         user = TerminalUser(on_button=lambda: runtime.press_button())
     else:
         user = ScriptedUser(confirm == "accept", out=lambda m: print(m, flush=True))
-    runtime = DeviceRuntime(factory, store, BlessPeripheral(adapter), wifi, user, checkin, fw=fw)
+    runtime = DeviceRuntime(
+        factory,
+        store,
+        BlessPeripheral(adapter),
+        wifi,
+        user,
+        checkin,
+        fw=fw,
+        stop_if_bluetooth_lost=stop_if_bluetooth_lost,
+    )
+    if isinstance(user, TerminalUser):
+        user.stop_with(runtime.stopped)  # the terminal is not the device's once it stopped
     return runtime, user, checkin
 
 
@@ -231,18 +310,26 @@ async def _run(args: argparse.Namespace, factory: FactoryRecord, wifi: WifiEnvir
     try:
         runtime, user, checkin = build_runtime(
             factory,
-            DeviceStore(args.state, owner=True),
+            DeviceStore(args.state, owner=True, dev_id=factory.dev_id),
             confirm=args.confirm,
             wifi=wifi,
             cloud_url=args.cloud or os.environ.get("DOORSTEP_CLOUD_URL"),
             adapter=args.adapter,
             fw=args.fw,
+            stop_if_bluetooth_lost=True,
         )
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGUSR1, runtime.press_button)
         loop.add_signal_handler(signal.SIGUSR2, runtime.factory_reset)
+        interrupted = False
+
+        def interrupt() -> None:
+            nonlocal interrupted
+            interrupted = True
+            runtime.stop()
+
         loop.add_signal_handler(signal.SIGTERM, runtime.stop)
-        loop.add_signal_handler(signal.SIGINT, runtime.stop)
+        loop.add_signal_handler(signal.SIGINT, interrupt)  # Ctrl-C: 130, like the others
         pidfile = args.state / PIDFILE
         pidfile.write_text(f"{os.getpid()}\n")
         try:
@@ -257,7 +344,7 @@ async def _run(args: argparse.Namespace, factory: FactoryRecord, wifi: WifiEnvir
                 await checkin.close()
     finally:
         remove_if_empty(created)
-    return 0
+    return EXIT_INTERRUPTED if interrupted else 0
 
 
 def cmd_button(args: argparse.Namespace) -> int:
@@ -296,7 +383,9 @@ def cmd_reset(args: argparse.Namespace) -> int:
     gate = PairingGate(time.time)
     gate.factory_reset()
     reset_ctr = min((old.reset_ctr if old else 0) + 1, 2**32 - 1)
-    store.save(DeviceState(reset_ctr=reset_ctr, gate=gate.to_json()))
+    # The state stays the same device's: a reset erases what a commissioner gave it.
+    dev_id = old.dev_id if old else None
+    store.save(DeviceState(reset_ctr=reset_ctr, gate=gate.to_json(), dev_id=dev_id))
     print(f"factory reset done: identity and Wi-Fi erased, reset counter {reset_ctr}")
     return 0
 
@@ -307,6 +396,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     if not args.state.exists():
         return _fail(f"{args.state} does not exist")
+    if (problem := state_dir_problem(args.state)) is not None:
+        return _fail(problem)
     try:
         state = DeviceStore(args.state).load()
     except StorageError as exc:

@@ -13,6 +13,11 @@ passphrase never appears in any of them.
 
 The state directory is first written only once the radio has started: a
 device that cannot start (no Bluetooth) leaves its stored state as it was.
+If Bluetooth goes away later (the peripheral's ``bluetooth_lost``), ``run``
+stops the device and raises it, so that its caller says so and exits.
+
+Check-in failures are told once (why, in words) and the check-in that then
+succeeds once, however many retries lie between.
 
 PROTOCOL.md §5.3 (PROVISION order and the atomic store), §5.6 (window,
 back-off, one commissioner at a time), §6.4 (check-in with the pending key).
@@ -29,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from ble.errors import LinkError
 from ble.profile import FLAG_BUTTON_NEEDED, FLAG_WINDOW_OPEN, AdvState, DeviceStatus
 from ble.transport import FragmentIn, LinkDown, LinkUp, Peripheral
 from device.storage import DeviceState, DeviceStore, PendingBind, StoredIdentity, StoredWifi
@@ -77,9 +83,14 @@ class CheckinRefused(Exception):
     """The cloud refused the check-in for good (e.g. 410 after 7 days, or unknown)."""
 
 
+class CheckinUnavailable(Exception):
+    """The check-in did not get through this time; ``str()`` says why, in words, no secret."""
+
+
 class CheckinService(Protocol):
     async def checkin(self, identifier: bytes, k_dev: bytes, ack: bytes) -> None:
-        """Raises ``CheckinRefused`` for a final no; any other exception means retry later."""
+        """Raises ``CheckinRefused`` for a final no; ``CheckinUnavailable`` (or any other
+        exception) means retry later."""
         ...
 
 
@@ -113,7 +124,10 @@ class _Stored:
 
 @dataclass(frozen=True)
 class _Command:
-    name: str  # "button", "reset", "tick", "checked_in", "checkin_refused", "stop"
+    # "button", "reset", "tick", "checked_in", "checkin_failing", "checkin_refused",
+    # "bluetooth_lost", "stop"
+    name: str
+    detail: str = ""  # checkin_failing: why; checked_in: the failed tries before, if any
 
 
 _Item = (
@@ -139,7 +153,11 @@ class DeviceRuntime:
         wall_clock: Callable[[], float] = time.time,
         checkin_backoff: tuple[float, float] = (0.5, 30.0),
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        stop_if_bluetooth_lost: bool = True,
     ) -> None:
+        """``stop_if_bluetooth_lost``: when the peripheral says Bluetooth went away
+        (``LinkError`` ``bluetooth_lost``), ``run`` stops and raises it; otherwise the
+        device carries on without a radio, as it did before it could tell."""
         self.factory = factory
         self.store = store
         self.peripheral = peripheral
@@ -151,6 +169,8 @@ class DeviceRuntime:
         self.clock = clock
         self.sleep = sleep
         self.checkin_backoff = checkin_backoff
+        self.stop_if_bluetooth_lost = stop_if_bluetooth_lost
+        self._bluetooth_lost: LinkError | None = None
         self.state: DeviceState = store.load()
         self.gate = PairingGate.from_json(dict(self.state.gate), wall_clock)
         self.session: DeviceSession | None = None
@@ -164,6 +184,7 @@ class DeviceRuntime:
         self._cut_by_reset: DeviceSession | None = None  # ended by a factory reset
         self.started = asyncio.Event()
         self.onboarded = asyncio.Event()  # set when a check-in made an identity active
+        self.stopped = asyncio.Event()  # set when run() has ended
         if self.state.active is None and not self.gate.window_open:
             self.gate.open_window()  # power-on without an active identity (§5.6)
         # Saved by run() once the radio is up, not here: see the module docstring.
@@ -238,6 +259,8 @@ class DeviceRuntime:
                     continue
                 if isinstance(item, _Command) and item.name == "stop":
                     break
+                if self._bluetooth_lost is not None and self.stop_if_bluetooth_lost:
+                    raise self._bluetooth_lost  # after the clean-up below
                 await self._handle(item)
                 await self._refresh_status()
         finally:
@@ -251,6 +274,7 @@ class DeviceRuntime:
                 self._checkin_task.cancel()
             with contextlib.suppress(Exception):
                 await self.peripheral.stop()
+            self.stopped.set()
 
     # ---- what the device's user is told ------------------------------------------------
 
@@ -330,7 +354,16 @@ class DeviceRuntime:
 
     async def _pump_peripheral(self) -> None:
         while True:
-            self._inbox.put_nowait(await self.peripheral.next_event())
+            try:
+                event = await self.peripheral.next_event()
+            except LinkError as exc:
+                if exc.code != "bluetooth_lost":
+                    raise
+                log.info("%s", exc.message)
+                self._bluetooth_lost = exc
+                self._inbox.put_nowait(_Command("bluetooth_lost"))
+                return
+            self._inbox.put_nowait(event)
 
     async def _next_item(self) -> _Item | None:
         wake: list[float] = []
@@ -394,9 +427,9 @@ class DeviceRuntime:
             else:
                 await self._apply(session, session.stored())
         elif isinstance(item, _Command):
-            await self._command(item.name)
+            await self._command(item.name, item.detail)
 
-    async def _command(self, name: str) -> None:
+    async def _command(self, name: str, detail: str = "") -> None:
         if name == "tick":
             await self._tick()
         elif name == "button":
@@ -407,9 +440,15 @@ class DeviceRuntime:
             await self._factory_reset()
         elif name == "checked_in" and self.state.active is not None:
             active = self.state.active
+            after = f" {detail}" if detail else ""
             await self.user.show(
-                f"Checked in with the cloud: onboarded as {active.identifier.hex()[:8]}"
+                f"Checked in with the cloud{after}: onboarded as {active.identifier.hex()[:8]}"
                 f" (epoch {active.epoch})"
+            )
+        elif name == "checkin_failing" and self.state.pending is not None:
+            await self.user.show(
+                f"Could not check in with the cloud ({detail}); retrying in the background "
+                "until it answers"
             )
         elif name == "checkin_refused":
             await self.user.show("The cloud refused the check-in; keeping the previous identity")
@@ -423,7 +462,9 @@ class DeviceRuntime:
             await self._apply(self.session, self.session.connection_lost())
         if self._checkin_task is not None:
             self._checkin_task.cancel()
-        self.state = DeviceState(reset_ctr=min(self.state.reset_ctr + 1, U32_MAX))
+        self.state = DeviceState(
+            reset_ctr=min(self.state.reset_ctr + 1, U32_MAX), dev_id=self.state.dev_id
+        )
         self.gate.factory_reset()
         await self._save()
         await self.user.show(f"Factory reset: {cut}identity and Wi-Fi erased, pairing window open")
@@ -546,6 +587,7 @@ class DeviceRuntime:
     async def _checkin_loop(self) -> None:
         assert self.checkin_service is not None
         delay, cap = self.checkin_backoff
+        failures = 0  # the user hears of the first and of the success after, not of each
         while (pending := self.state.pending) is not None:
             try:
                 await self.checkin_service.checkin(
@@ -558,6 +600,9 @@ class DeviceRuntime:
                 self._inbox.put_nowait(_Command("checkin_refused"))
                 return
             except Exception as exc:
+                failures += 1
+                if failures == 1:
+                    self._inbox.put_nowait(_Command("checkin_failing", _checkin_problem(exc)))
                 jitter = int.from_bytes(self.rng(2), "big") / 65535  # full jitter
                 wait = delay * (0.5 + jitter)
                 log.info("check-in failed (%s); retrying in %.1f s", type(exc).__name__, wait)
@@ -573,11 +618,19 @@ class DeviceRuntime:
             )
             await self._save()
             self.onboarded.set()
-            self._inbox.put_nowait(_Command("checked_in"))
+            after = f"after {failures} failed attempt{'' if failures == 1 else 's'}"
+            self._inbox.put_nowait(_Command("checked_in", after if failures else ""))
             return
 
 
 # ---- text for the device's user ----------------------------------------------------------
+
+
+def _checkin_problem(exc: Exception) -> str:
+    """Why a check-in did not get through, for the device's user."""
+    if isinstance(exc, CheckinUnavailable):
+        return printable(str(exc), 80)
+    return f"unexpected error {type(exc).__name__}"  # the type only: a message may hold anything
 
 
 def _shown(ssid: bytes) -> str:

@@ -4,7 +4,10 @@ What survives a power cycle: ``reset_ctr``, the active identity and the Wi-Fi
 network in use, the pending record of §5.3 step 5 (Wi-Fi credentials, the new
 identity and its ``Ack``, stored in one atomic write before RESULT 0), and the
 §5.6 pairing-gate state (``PairingGate.to_json()``: the failure count ``n``,
-``backoff_until``, ``window_until``).
+``backoff_until``, ``window_until``), and the ``dev_id`` of the factory record
+the state belongs to: a store opened for one device refuses another's state, so
+no device boots as another one. A state saved before ``dev_id`` was kept has
+none; it is taken by the device that next saves it.
 
 On disk the state directory (mode 0700) holds two slots, ``state.a.json`` and
 ``state.b.json`` (mode 0600). Each is one line of canonical JSON::
@@ -30,6 +33,7 @@ Errors (``StorageError.code``)::
     ├── state_dir_unusable      the directory cannot be created, is not a
     │                           directory, or cannot be read or secured
     ├── state_invalid           save() was given a state that load() would refuse
+    ├── state_other_device      the state belongs to another device's factory record
     └── state_write_failed      the OS refused a write, fsync or rename
 
 Keys and passphrases never appear in a ``repr``, a log line or an error.
@@ -68,6 +72,7 @@ MAX_SLOT_BYTES = 64 * 1024
 _TEMP_PREFIX = ".state-"
 _TEMP_SUFFIX = ".tmp"
 _U32_MAX = 2**32 - 1
+DEV_ID_BYTES = 16  # a factory record's dev_id (§7)
 
 
 class StorageError(Exception):
@@ -129,6 +134,7 @@ class DeviceState:
     pending: PendingBind | None = None
     gate: dict[str, float | int] = field(default_factory=dict)  # PairingGate.to_json()
     checkins: int = 0  # informational
+    dev_id: bytes | None = None  # the factory record's (§7); None in a state saved before it
 
     def with_(self, **changes: Any) -> DeviceState:
         return dataclasses.replace(self, **changes)
@@ -186,6 +192,7 @@ def _encode_state(state: DeviceState) -> dict[str, Any]:
         },
         "gate": dict(state.gate),
         "checkins": state.checkins,
+        "dev_id": None if state.dev_id is None else state.dev_id.hex(),
     }
 
 
@@ -275,6 +282,7 @@ def _decode_state(value: Any) -> DeviceState:
     if not isinstance(gate_raw, dict):
         raise _BadSlot("gate is not an object")
     gate = {str(k): _number(v, "gate value") for k, v in gate_raw.items()}
+    dev_id_raw = obj.get("dev_id")  # absent from a state saved before it was kept
     return DeviceState(
         reset_ctr=_int(obj["reset_ctr"], "reset_ctr"),
         active=None if obj["active"] is None else _decode_identity(obj["active"], "active"),
@@ -282,6 +290,7 @@ def _decode_state(value: Any) -> DeviceState:
         pending=pending,
         gate=gate,
         checkins=_int(obj["checkins"], "checkins", 2**63 - 1),
+        dev_id=None if dev_id_raw is None else _hex(dev_id_raw, "dev_id", DEV_ID_BYTES),
     )
 
 
@@ -360,14 +369,20 @@ class DeviceStore:
         *,
         owner: bool = False,
         crash_point: Callable[[str], None] = _no_crash,
+        dev_id: bytes | None = None,
     ) -> None:
         """``owner``: this process is the device (it boots from this state).
 
         Only the owner removes temporary files left by an interrupted save; a
         reader (``doorstep device show``) must not, or it could delete the temp
         file of a save the running device has in flight.
+
+        ``dev_id``: the device whose state this is (its factory record's). ``load``
+        then refuses a state saved by another device (``state_other_device``) and
+        ``save`` records it; without it, states are read and written as they are.
         """
         self.directory = Path(directory)
+        self.dev_id = dev_id
         self._owner = owner
         self._crash_point = crash_point
         self._lock = threading.Lock()
@@ -401,10 +416,19 @@ class DeviceStore:
             generation, name, state = newest
             if bad:
                 log.warning("using state slot %s (generation %d)", name, generation)
+            if self.dev_id is not None and state.dev_id not in (None, self.dev_id):
+                raise StorageError(
+                    f"state directory {self.directory} belongs to device {state.dev_id.hex()}, "
+                    f"not to this factory record's {self.dev_id.hex()}: pass that device's "
+                    "factory record, or another state directory",
+                    code="state_other_device",
+                )
             return state
 
     def save(self, state: DeviceState) -> None:
         """Write ``state`` over the older slot, atomically and durably."""
+        if self.dev_id is not None:
+            state = state.with_(dev_id=self.dev_id)
         try:
             payload = _encode_state(state)
             _decode_state(json.loads(_canonical(payload)))

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
+import pty
+import signal
+import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,15 +60,27 @@ def quick_wifi(workdir: Path, join_delay_ms: int = 150) -> Path:
     return path
 
 
-async def doorstep(stack: Stack, *args: str) -> tuple[int, str, str]:
-    """Run a one-shot ``doorstep`` command with the stack's environment."""
+async def doorstep(stack: Stack, *args: str, timeout: float | None = None) -> tuple[int, str, str]:
+    """Run a one-shot ``doorstep`` command with the stack's environment.
+
+    ``timeout`` is for a command that should end by itself but might not (a ``device
+    run`` expected to refuse to start): past it, the command is killed and the test fails.
+    """
     process = await asyncio.create_subprocess_exec(
         *doorstep_cmd(*args),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=stack.base_env(),
     )
-    out, err = await process.communicate()
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        out, err = await process.communicate()
+        raise AssertionError(
+            f"`doorstep {' '.join(args[:2])}` did not end within {timeout:g} s: "
+            f"{out.decode()}{err.decode()}"
+        ) from None
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
 
@@ -337,3 +353,101 @@ async def hello_status(central: Central, address: str) -> Status:
         assert event.by_device, event
         return event.status
     return Status.OK
+
+
+# ---- a device run at a terminal ----------------------------------------------------------
+
+
+@dataclass
+class TerminalDevice:
+    """``doorstep device run`` on a pseudo-terminal that is its controlling terminal.
+
+    As a user runs it: stdin, stdout and stderr are the terminal, so Ctrl-C is the
+    character typed (``\\x03``), which the terminal turns into SIGINT for the device.
+    """
+
+    process: asyncio.subprocess.Process
+    master: int
+    output: bytearray = field(default_factory=bytearray)
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def text(self) -> str:
+        return self.output.decode("utf-8", "replace")
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.master, 4096)
+            except (BlockingIOError, OSError):  # nothing yet, or the device is gone (EIO)
+                return
+            if not chunk:
+                return
+            self.output += chunk
+
+    async def expect(self, text: str, timeout: float = 30.0) -> None:
+        """Wait until the terminal shows ``text`` (the timeout bounds the wait)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.text():
+            self._drain()
+            if text in self.text():
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"the terminal never showed {text!r}; it shows:\n{self.text()}"
+                )
+            await asyncio.sleep(0.05)
+
+    async def wait(self, timeout: float = 20.0) -> int:
+        """The exit status (the timeout bounds the wait: a device that hangs fails here)."""
+        try:
+            code = await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"the device did not exit within {timeout:g} s; its terminal:\n{self.text()}"
+            ) from None
+        self._drain()
+        return code
+
+    async def close(self) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+        os.close(self.master)
+
+
+def _become_terminal_session() -> None:
+    """In the child: a session of its own whose controlling terminal is its stdin."""
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # even if the tests run with it ignored
+
+
+async def run_at_terminal(stack: Stack, handle: DeviceHandle, *extra: str) -> TerminalDevice:
+    """Start ``doorstep device run`` (``--confirm prompt``, the default) at a terminal."""
+    store_of(handle)  # before the device runs: see store_of
+    master, slave = pty.openpty()
+    os.set_blocking(master, False)
+    args = [
+        "device", "run", "--factory", str(handle.factory_file), "--state",
+        str(handle.state_dir), "--cloud", stack.cloud_url, *extra,
+    ]  # fmt: skip
+    if stack.wifi_file is not None:
+        args += ["--wifi", str(stack.wifi_file)]
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *doorstep_cmd(*args),
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=stack.base_env(),
+            preexec_fn=_become_terminal_session,
+        )
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    return TerminalDevice(process, master)

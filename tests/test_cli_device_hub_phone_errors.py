@@ -265,6 +265,35 @@ def test_hub_state_that_is_a_file(
     assert notes.read_text() == "my notes\n"
 
 
+@pytest.mark.parametrize("command", ["run", "show"])
+def test_device_state_that_is_a_file_is_not_a_directory(
+    capsys: pytest.CaptureFixture[str], factory: Path, tmp_path: Path, command: str
+) -> None:
+    """It used to say "state directory … is unusable: File exists"."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    argv = ["--factory", str(factory), "--confirm", "accept"] if command == "run" else []
+    code, out, err = run(capsys, "device", command, "--state", str(notes), *argv)
+    assert code == 2
+    assert one_line(err) == f"doorstep device: {notes} is not a directory"
+    assert out == ""
+    assert notes.read_text() == "my notes\n"
+
+
+def test_device_state_under_a_file_names_the_file(
+    capsys: pytest.CaptureFixture[str], factory: Path, tmp_path: Path
+) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    state = notes / "device1"
+    code, _out, err = run(
+        capsys, "device", "run", "--factory", str(factory), "--state", str(state),
+        "--confirm", "accept",
+    )  # fmt: skip
+    assert code == 2
+    assert one_line(err) == f"doorstep device: {notes} is not a directory (in --state {state})"
+
+
 @pytest.mark.parametrize(("fw", "size"), [("x" * 100, 100), ("1.0.0-é" * 3, 24)])
 def test_device_fw_longer_than_m2_carries_is_refused_at_start(
     capsys: pytest.CaptureFixture[str], factory: Path, tmp_path: Path, fw: str, size: int
@@ -290,6 +319,33 @@ def test_device_fw_of_16_bytes_is_accepted(
     )  # fmt: skip
     assert code == 2  # it got as far as the radio
     assert one_line(err) == f"doorstep device: {NO_BUS} {HINT}"
+
+
+CLOUD_URL_RULE = "must be an http:// or https:// URL with a host, e.g. https://cloud.example"
+
+
+@pytest.mark.parametrize("url", ["notaurl", "https:///v1", "ftp://cloud.example", "http://h:99999"])
+@pytest.mark.parametrize("source", ["--cloud", "$DOORSTEP_CLOUD_URL"])
+def test_device_run_refuses_a_cloud_url_that_is_not_one(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    factory: Path,
+    tmp_path: Path,
+    url: str,
+    source: str,
+) -> None:
+    """It was accepted, and every check-in then failed, unseen (words as ``phone pair``'s)."""
+    state = tmp_path / "state"
+    argv = ["device", "run", "--factory", str(factory), "--state", str(state)]
+    if source == "--cloud":
+        argv += ["--cloud", url]
+    else:
+        monkeypatch.setenv("DOORSTEP_CLOUD_URL", url)
+    code, out, err = run(capsys, *argv, "--confirm", "accept")
+    assert code == 2
+    assert one_line(err) == f"doorstep device: {source} {CLOUD_URL_RULE}"
+    assert out == ""
+    assert not state.exists()
 
 
 # ---- device reset ----------------------------------------------------------------------------
@@ -327,6 +383,26 @@ def test_reset_of_an_existing_device_still_works(
     code, out, _err = run(capsys, "device", "reset", "--state", str(state))
     assert code == 0
     assert out == "factory reset done: identity and Wi-Fi erased, reset counter 5\n"
+
+
+def test_a_reset_state_stays_its_devices(
+    capsys: pytest.CaptureFixture[str], factory: Path, tmp_path: Path
+) -> None:
+    """A reset erases what commissioners gave; another device still cannot boot from it."""
+    state, other = tmp_path / "state", make_factory(8).dev_id
+    DeviceStore(state, owner=True, dev_id=other).save(DeviceState(reset_ctr=4))
+    assert run(capsys, "device", "reset", "--state", str(state))[0] == 0
+    code, _out, err = run(
+        capsys, "device", "run", "--factory", str(factory), "--state", str(state),
+        "--confirm", "accept", "--cloud", CLOUD,
+    )  # fmt: skip
+    assert code == 2  # before the radio is tried
+    assert one_line(err) == (
+        f"doorstep device: state directory {state} belongs to device {other.hex()}, not to "
+        f"this factory record's {make_factory(7).dev_id.hex()}: pass that device's factory "
+        "record, or another state directory"
+    )
+    assert DeviceStore(state).load().reset_ctr == 5
 
 
 # ---- phone pair options ----------------------------------------------------------------------

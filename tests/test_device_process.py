@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -45,6 +48,7 @@ from device_process_helpers import (
     onboard,
     onboard_after_backoff,
     quick_wifi,
+    run_at_terminal,
     show,
     start_device,
     store_of,
@@ -52,7 +56,7 @@ from device_process_helpers import (
 )
 from onboarding_helpers import ScriptedCommissioner
 from phone.cloudlink import CloudLink
-from phone.commissioner import DeviceSummary, Onboarding, Stage, StageState
+from phone.commissioner import DeviceSummary, Onboarding, OnboardingReport, Stage, StageState
 from protocol.commissioner_side import Authenticated, BindStartNeeded, SessionEnded
 from protocol.errors import Status
 
@@ -403,6 +407,17 @@ async def test_power_loss_between_result_and_checkin_resumes_the_checkin(stack: 
     assert info["pending_identifier"] == report.short_id and info["identifier"] is None
     (row,) = rows_for(await owned(stack.token, stack.cloud_url), handle)
     assert (row["identifier"], row["state"]) == (report.identifier.hex(), "pending")  # type: ignore[union-attr]
+    # Its user is told once that the cloud cannot be reached (it used to be told nothing).
+    failing = (
+        "[device] Could not check in with the cloud (the cloud is unreachable); retrying in "
+        "the background until it answers"
+    )
+    for _ in range(200):
+        if failing in device_lines(handle):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(2)  # a few more tries (0.5 s, 1 s, …), none of them told
+    assert device_lines(handle).count(failing) == 1, device_lines(handle)
 
     await stack.stop_device(handle, signal.SIGKILL)  # power loss
     assert store_of(handle).load().pending is not None
@@ -546,3 +561,146 @@ async def test_an_adapter_that_does_not_exist_is_one_line(stack: Stack) -> None:
     )
     assert not (handle.state_dir / "device.pid").exists()
     assert not handle.state_dir.exists()  # no first-boot state saved before the radio
+
+
+# ---- 11. Ctrl-C at a terminal ---------------------------------------------------------------
+
+
+async def test_ctrl_c_at_a_terminal_stops_an_idle_device_with_130(stack: Stack) -> None:
+    """``--confirm prompt`` reads the terminal; Ctrl-C used to wait for Enter, then exit 0."""
+    (handle,) = await stack.add_devices(1, start=False)
+    device = await run_at_terminal(stack, handle)
+    try:
+        await device.expect("waiting for a commissioner")
+        device.type(b"\x03")  # Ctrl-C
+        assert await device.wait() == 130
+    finally:
+        await device.close()
+    assert "Traceback" not in device.text(), device.text()
+    assert not (handle.state_dir / "device.pid").exists()
+
+
+async def test_ctrl_c_at_the_accept_prompt_stops_the_device_with_130(stack: Stack) -> None:
+    (handle,) = await stack.add_devices(1, start=False)
+    device = await run_at_terminal(stack, handle)
+    phone: asyncio.Task[OnboardingReport] | None = None
+    try:
+        await device.expect("waiting for a commissioner")
+        # The phone's user confirms the code; PROVISION makes the device ask its own user.
+        phone = asyncio.create_task(onboard(stack, BleakCentral(), handle))
+        await device.expect("Accept? [y/n]")
+        device.type(b"\x03")
+        assert await device.wait() == 130
+    finally:
+        await device.close()
+        if phone is not None:
+            report = await asyncio.wait_for(phone, 60)
+            assert not report.ok  # the device went away before its user answered
+    assert "Traceback" not in device.text(), device.text()
+    info = await show(stack, handle)
+    assert info["state"] == "unprovisioned" and not info["running"]
+
+
+async def test_the_device_user_answers_at_the_terminal_then_ctrl_c_keeps_what_was_saved(
+    stack: Stack,
+) -> None:
+    (handle,) = await stack.add_devices(1, start=False)
+    device = await run_at_terminal(stack, handle)
+    try:
+        await device.expect("waiting for a commissioner")
+        phone = asyncio.create_task(onboard(stack, BleakCentral(), handle))
+        await device.expect("Accept? [y/n]")
+        device.type(b"maybe\n")
+        await device.expect("type y (accept), n (reject) or b (pairing button)")
+        device.type(b"y\n")
+        report = await asyncio.wait_for(phone, 60)
+        assert report.ok, report.message
+        await device.expect("Checked in with the cloud")
+        device.type(b"\x03")
+        assert await device.wait() == 130
+    finally:
+        await device.close()
+    info = await show(stack, handle)
+    assert info["state"] == "active" and info["identifier"] == report.short_id
+
+
+# ---- 12. one state directory, one device ---------------------------------------------------
+
+
+async def test_another_devices_factory_record_on_a_state_directory_is_refused(
+    stack: Stack,
+) -> None:
+    """It used to start as "provisioned as <the first device's identifier>"."""
+    first = await new_device(stack)
+    report = await onboard(stack, BleakCentral(), first)
+    assert report.ok, report.message
+    await wait_show(stack, first, lambda i: i["state"] == "active")
+    await stack.stop_device(first)
+    (second,) = await stack.add_devices(1, start=False)
+    before = {p.name: p.read_bytes() for p in first.state_dir.iterdir()}
+    rc, out, err = await doorstep(
+        stack, "device", "run", "--factory", str(second.factory_file),
+        "--state", str(first.state_dir), "--confirm", "accept", "--cloud", stack.cloud_url,
+        timeout=30,
+    )  # fmt: skip
+    assert rc == 2
+    assert err == (
+        f"doorstep device: state directory {first.state_dir} belongs to device "
+        f"{first.factory.dev_id.hex()}, not to this factory record's "
+        f"{second.factory.dev_id.hex()}: pass that device's factory record, or another "
+        "state directory\n"
+    )
+    assert out == ""
+    assert {p.name: p.read_bytes() for p in first.state_dir.iterdir()} == before
+    # Its own factory record still starts it, as the device it was.
+    await restart(stack, first)  # it advertises again
+    info = await show(stack, first)
+    assert info["running"] and info["state"] == "active"
+    assert info["identifier"] == report.short_id
+
+
+# ---- 13. Bluetooth goes away under a running device -----------------------------------------
+
+
+@pytest.mark.parametrize("how", ["sim stopped", "bus daemon killed"])
+async def test_a_device_whose_bluetooth_goes_away_says_so_and_exits(
+    tmp_path: Path, how: str
+) -> None:
+    """It used to say "waiting for a commissioner" on, and on Ctrl-C printed dbus-next's
+    "Future exception was never retrieved … EOFError / BrokenPipeError" tracebacks.
+
+    "sim stopped" is bluetoothd going away (``org.bluez`` leaves the bus); "bus daemon
+    killed" the system bus itself closing under the device.
+    """
+    async with Stack(tmp_path, timing=False, wifi_file=quick_wifi(tmp_path)) as own:
+        (handle,) = await own.add_devices(1)  # started, and its first line is out
+        assert handle.proc is not None
+        (sim,) = [p for p in own._procs if p.name == "sim"]
+        sim.expected_exit = handle.proc.expected_exit = True
+        if how == "sim stopped":
+            os.killpg(sim.process.pid, signal.SIGTERM)
+        else:
+            out = subprocess.run(
+                ["pgrep", "-P", str(sim.process.pid), "dbus-daemon"],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            os.kill(int(out.split()[0]), signal.SIGKILL)
+        try:  # the bound is for a device that does not notice; it is no timing claim
+            code = await asyncio.wait_for(handle.proc.process.wait(), 20)
+        except TimeoutError:
+            raise AssertionError(f"the device ran on:\n{device_log(handle)}") from None
+    assert code == 1
+    lines = device_log(handle).splitlines()
+    assert lines[:-1] == [
+        f"[device] {handle.name}: waiting for a commissioner (pairing window open)"
+    ]
+    reason = (
+        "bluetoothd (org.bluez) left the D-Bus system bus"
+        if how == "sim stopped"
+        else "the D-Bus system bus went away (EOFError)"
+    )
+    assert lines[-1] == (
+        f"doorstep device: Bluetooth went away: {reason} (is bluetoothd running? for the "
+        "simulator, start `doorstep sim` and export the DBUS_SYSTEM_BUS_ADDRESS it prints)"
+    )
+    assert not (handle.state_dir / "device.pid").exists()

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ble.memory import MemoryAir
 from ble.profile import AdvState, Sighting
-from device.runtime import DeviceRuntime
+from demo.stack import free_port
+from device.cloudlink import CloudCheckin
+from device.runtime import CheckinService, DeviceRuntime
 from device.storage import DeviceState, DeviceStore
 from device.wifi import WifiEnvironment
 from device_process_helpers import GOOD, hello_status
@@ -57,16 +60,20 @@ async def device(
     *,
     clock: Callable[[], float] | None = None,
     wall_clock: Callable[[], float] | None = None,
+    checkin: CheckinService | None = None,
+    sleep: Callable[[float], Awaitable[None]] | None = None,
 ) -> AsyncIterator[DeviceRuntime]:
     wifi = WifiEnvironment.default()
     wifi.set_join_delay(0)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if clock is not None:
         kwargs["clock"] = clock
     if wall_clock is not None:
         kwargs["wall_clock"] = wall_clock
+    if sleep is not None:
+        kwargs["sleep"] = sleep
     runtime = DeviceRuntime(
-        factory, DeviceStore(state_dir), air.peripheral(ADDRESS), wifi, user, None, **kwargs
+        factory, DeviceStore(state_dir), air.peripheral(ADDRESS), wifi, user, checkin, **kwargs
     )
     task = asyncio.create_task(runtime.run())
     await runtime.started.wait()
@@ -316,3 +323,58 @@ async def test_a_factory_reset_during_a_session_is_one_line_not_a_failure_first(
         "Factory reset: the commissioner was disconnected; identity and Wi-Fi erased, "
         "pairing window open",
     ]
+
+
+class CloudComingBack:
+    """The device's check-in: a real cloud client against a port where nothing listens
+    for the first ``down`` tries (the cloud is unreachable), then the local cloud."""
+
+    def __init__(self, cloud: LocalBindService, down: int) -> None:
+        self.cloud = cloud
+        self.down = down
+        self.tries = 0
+        self.nowhere = CloudCheckin(f"http://127.0.0.1:{free_port()}")
+
+    async def checkin(self, identifier: bytes, k_dev: bytes, ack: bytes) -> None:
+        self.tries += 1
+        if self.tries <= self.down:
+            await self.nowhere.checkin(identifier, k_dev, ack)
+            raise AssertionError("nothing should listen there")
+        await self.cloud.checkin(identifier, k_dev, ack)
+
+
+async def test_a_failing_checkin_is_told_once_and_its_success_after_it_once(
+    tmp_path: Path,
+) -> None:
+    """A device that could not reach the cloud said "checking in" and nothing else, forever."""
+    air = MemoryAir()
+    factory = make_factory()
+    cloud = LocalBindService(LocalCloud(factory))
+    user = ScriptedDeviceUser()
+    service = CloudComingBack(cloud, down=5)
+    passphrase = GOOD.passphrase
+
+    async def no_wait(_seconds: float) -> None:  # the back-off is not what is tested here
+        await asyncio.sleep(0)
+
+    async with device(
+        air, factory, tmp_path / "state", user, checkin=service, sleep=no_wait
+    ) as runtime:
+        report = await Onboarding(
+            air.central(), cloud, ScriptedCommissioner(choices=[GOOD]), wait_checkin_s=0
+        ).run(ADDRESS)
+        assert report.ok, report.message
+        await asyncio.wait_for(runtime.onboarded.wait(), 20)
+        await settle(lambda: user.messages[-1].startswith("Checked in"))
+    await service.nowhere.close()
+    assert service.tries == 6
+    short = report.short_id
+    assert user.messages == [
+        f"{factory.ble_name}: {WAITING}",
+        f"Provisioned: joined Wi-Fi 'DoorstepHome' as {short} (epoch 1); "
+        "checking in with the cloud",
+        "Could not check in with the cloud (the cloud is unreachable); retrying in the "
+        "background until it answers",
+        f"Checked in with the cloud after 5 failed attempts: onboarded as {short} (epoch 1)",
+    ]
+    assert passphrase not in "\n".join(user.messages)

@@ -306,6 +306,56 @@ def test_crash_points_are_called_in_order(tmp_path: Path) -> None:
     assert tuple(steps) == SAVE_STEPS
 
 
+# --- whose state it is ---------------------------------------------------------------------
+
+DEVICE_A, DEVICE_B = bytes.fromhex("aa" * 16), bytes.fromhex("bb" * 16)
+
+
+def legacy_slot(state: DeviceState, generation: int = 1) -> bytes:
+    """A slot as saved before the state kept its device's ``dev_id`` (no such key)."""
+    envelope = json.loads(encode_slot(state, generation))
+    del envelope["state"]["dev_id"]
+    envelope["sha256"] = _checksum(FORMAT_VERSION, generation, envelope["state"])
+    return json.dumps(envelope, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+
+
+def test_a_store_for_one_device_refuses_another_devices_state(tmp_path: Path) -> None:
+    """Device B's factory record on device A's state directory used to boot as A."""
+    DeviceStore(tmp_path, dev_id=DEVICE_A).save(full_state(1))
+    with pytest.raises(StorageError) as info:
+        DeviceStore(tmp_path, owner=True, dev_id=DEVICE_B).load()
+    assert info.value.code == "state_other_device"
+    assert str(info.value) == (
+        f"state directory {tmp_path} belongs to device {'aa' * 16}, not to this factory "
+        f"record's {'bb' * 16}: pass that device's factory record, or another state directory"
+    )
+    for secret in (PASSPHRASE, K_DEV.hex(), "sæt 🔑"):
+        assert secret not in str(info.value)
+    kept = DeviceStore(tmp_path).load()  # a reader (device show) still reads it
+    assert kept == full_state(1).with_(dev_id=DEVICE_A)
+    assert DeviceStore(tmp_path, dev_id=DEVICE_A).load() == kept
+
+
+def test_a_state_saved_before_dev_id_was_kept_is_read_and_then_adopted(tmp_path: Path) -> None:
+    slot(tmp_path, 0).write_bytes(legacy_slot(full_state(1)))
+    store = DeviceStore(tmp_path, owner=True, dev_id=DEVICE_B)
+    state = store.load()
+    assert state == full_state(1)  # every field as it was, and no dev_id
+    assert state.dev_id is None
+    store.save(state)  # the device's next save makes the state its own
+    assert DeviceStore(tmp_path).load() == full_state(1).with_(dev_id=DEVICE_B)
+    with pytest.raises(StorageError):
+        DeviceStore(tmp_path, dev_id=DEVICE_A).load()
+
+
+def test_a_store_without_a_dev_id_keeps_the_states_own(tmp_path: Path) -> None:
+    """Readers and the hub's store (no dev_id given) write a state as it is."""
+    DeviceStore(tmp_path).save(full_state(1).with_(dev_id=DEVICE_A))
+    assert DeviceStore(tmp_path).load().dev_id == DEVICE_A
+    DeviceStore(tmp_path).save(full_state(2))
+    assert DeviceStore(tmp_path).load().dev_id is None
+
+
 # --- secrets -----------------------------------------------------------------------------
 
 
