@@ -588,7 +588,9 @@ class Onboarding:
                     await self._choose_again(asked)
                 raise
             if choice is None:
-                session.close(Status.REJECTED_BY_USER)
+                # After a failed join the session ends for that reason (the device's log
+                # said "rejected_by_user" when an unattended commissioner gave up).
+                session.close(Status.REJECTED_BY_USER if failure is None else failure.status)
                 await self._flush_quietly()
                 if failure is not None:
                     # Gave up after a failed join: the outcome is that join's, in its stage.

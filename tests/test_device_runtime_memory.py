@@ -249,7 +249,8 @@ async def test_each_failed_wifi_join_is_one_line_with_its_code_and_what_comes_ne
         f"the passphrase); {NEXT_CREDENTIALS}",
         "Could not join Wi-Fi 'NoSuchNetwork': 2 network_not_found (no network with that name "
         f"in range); {NEXT_CREDENTIALS}",
-        "Connection from a commissioner failed: 1 rejected_by_user (commissioner closed the "
+        # the commissioner gave up after the failed join: the session ended for its reason
+        "Connection from a commissioner failed: 2 network_not_found (commissioner closed the "
         f"session); {WAITING}",
     ]
     shown = "\n".join(user.messages)

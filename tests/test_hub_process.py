@@ -156,7 +156,7 @@ async def test_failed_wifi_join_is_reported_once_and_not_retried(tmp_path: Path)
         assert device_lines(broken)[2:] == [
             "[device] Could not join Wi-Fi 'DoorstepHome': 6 no_ip_address (no DHCP answer); "
             "nothing stored, waiting for the commissioner to send other credentials or leave",
-            "[device] Connection from a commissioner failed: 1 rejected_by_user (commissioner "
+            "[device] Connection from a commissioner failed: 6 no_ip_address (commissioner "
             "closed the session); waiting for a commissioner (pairing window open)",
         ]
         assert HOME_PASSPHRASE not in hub.log_text() + device_log(broken)
