@@ -44,7 +44,10 @@ from protocol.encoding import b64url_decode, b64url_encode
 from protocol.entropy import EntropySource
 from protocol.factory import FactoryRecord
 
-BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not PG_DSN, reason=PG_SKIP_REASON))]
+BACKENDS = [
+    "sqlite",
+    pytest.param("postgresql", marks=pytest.mark.skipif(not PG_DSN, reason=PG_SKIP_REASON)),
+]
 
 
 def backend_url(backend: str, tmp_path: object) -> str:
@@ -74,7 +77,9 @@ def problem(response: httpx.Response, status: int, code: str) -> dict[str, objec
 async def test_vector_bind_start_and_complete_answers_reproduce_exactly() -> None:
     inputs = VECTORS["inputs"]
     draws = {d["name"]: bytes.fromhex(d["hex"]) for d in inputs["draws"]}
-    cloud_draws = [draws[n] for n in ("attempt_id", "R", "seal_nonce", "identifier", "K_dev", "W_nonce")]
+    cloud_draws = [
+        draws[n] for n in ("attempt_id", "R", "seal_nonce", "identifier", "K_dev", "W_nonce")
+    ]
     entropy = CountingEntropy(cloud_draws)
     async with in_process_cloud(
         "sqlite:///:memory:", entropy=entropy, clock=lambda: 1700000000.0
@@ -102,9 +107,15 @@ async def test_onboard_checkin_views_and_unbind(cloud: Cloud) -> None:
     device, token = await registered_device(cloud.registry, cloud.kek)
     record = device.record
     answer = await onboard(cloud.client, token, device)
-    assert answer == {"dev_id": record.dev_id.hex(), "identifier": device.identifier.hex(), "epoch": 1}
+    assert answer == {
+        "dev_id": record.dev_id.hex(),
+        "identifier": device.identifier.hex(),
+        "epoch": 1,
+    }
 
-    view = (await cloud.client.get(f"/v1/devices/{device.identifier.hex()}", headers=bearer(token))).json()
+    view = (
+        await cloud.client.get(f"/v1/devices/{device.identifier.hex()}", headers=bearer(token))
+    ).json()
     assert view["state"] == "pending" and view["epoch"] == 1 and view["last_checkin"] is None
 
     body, headers = device.checkin_request()
@@ -113,7 +124,15 @@ async def test_onboard_checkin_views_and_unbind(cloud: Cloud) -> None:
     listing = (await cloud.client.get("/v1/devices", headers=bearer(token))).json()
     assert [v["state"] for v in listing] == ["active"]
     assert listing[0]["dev_id"] == record.dev_id.hex() and listing[0]["model"] == record.model
-    assert set(listing[0]) == {"identifier", "dev_id", "model", "epoch", "state", "bound_at", "last_checkin"}
+    assert set(listing[0]) == {
+        "identifier",
+        "dev_id",
+        "model",
+        "epoch",
+        "state",
+        "bound_at",
+        "last_checkin",
+    }
 
     # Re-onboarding by the same owner: epoch 2; the check-in retires epoch 1.
     old = (device.identifier, device.k_dev)
@@ -121,17 +140,29 @@ async def test_onboard_checkin_views_and_unbind(cloud: Cloud) -> None:
     second = await onboard(cloud.client, token, device)
     assert second["epoch"] == 2
     body, headers = device.checkin_request()
-    assert (await cloud.client.post("/v1/devices/checkin", content=body, headers=headers)).status_code == 200
+    assert (
+        await cloud.client.post("/v1/devices/checkin", content=body, headers=headers)
+    ).status_code == 200
     stale = SimDevice(record, identifier=old[0], k_dev=old[1], ack=b"\0" * 32)
     body, headers = stale.checkin_request()
-    problem(await cloud.client.post("/v1/devices/checkin", content=body, headers=headers), 401, "bad_signature")
+    problem(
+        await cloud.client.post("/v1/devices/checkin", content=body, headers=headers),
+        401,
+        "bad_signature",
+    )
 
     # Unbind: owner removed, identities retired.
-    response = await cloud.client.delete(f"/v1/devices/{device.identifier.hex()}", headers=bearer(token))
+    response = await cloud.client.delete(
+        f"/v1/devices/{device.identifier.hex()}", headers=bearer(token)
+    )
     assert response.status_code == 204
     assert (await cloud.client.get("/v1/devices", headers=bearer(token))).json() == []
     body, headers = device.checkin_request()
-    problem(await cloud.client.post("/v1/devices/checkin", content=body, headers=headers), 401, "bad_signature")
+    problem(
+        await cloud.client.post("/v1/devices/checkin", content=body, headers=headers),
+        401,
+        "bad_signature",
+    )
     events = [e.event for e in await cloud.registry.run(lambda tx: tx.audit_entries(record.dev_id))]
     assert events == ["bind", "checkin", "bind", "checkin", "unbind"]
 
@@ -153,7 +184,9 @@ async def test_an_identity_lives_in_its_attempt_until_its_bind_completes(cloud: 
     issued = await cloud.registry.run(lambda tx: tx.identity(device.identifier))
     assert issued is not None and issued.state == "pending" and issued.epoch == 1
     complete = {"attempt": session.answer["attempt"], "ack": b64url_encode(ack)}
-    assert (await cloud.client.post("/v1/bind/complete", json=complete, headers=bearer(token))).status_code == 200
+    assert (
+        await cloud.client.post("/v1/bind/complete", json=complete, headers=bearer(token))
+    ).status_code == 200
     assert await _identity_rows(cloud, device.identifier) == ["pending"]
 
     async def key_copies_in_attempts(tx: RegistryTransaction) -> int:
@@ -165,7 +198,9 @@ async def test_an_identity_lives_in_its_attempt_until_its_bind_completes(cloud: 
 
     assert await cloud.registry.run(key_copies_in_attempts) == 0  # the row holds the only one
     body, headers = device.checkin_request()
-    assert (await cloud.client.post("/v1/devices/checkin", content=body, headers=headers)).status_code == 200
+    assert (
+        await cloud.client.post("/v1/devices/checkin", content=body, headers=headers)
+    ).status_code == 200
     assert await _identity_rows(cloud, device.identifier) == ["active"]
 
 
@@ -184,9 +219,15 @@ async def test_identities_still_in_their_attempt_are_retired_like_the_others(clo
     left = await issued_only()
     await onboard(cloud.client, token, device)
     body, headers = device.checkin_request()
-    assert (await cloud.client.post("/v1/devices/checkin", content=body, headers=headers)).status_code == 200
+    assert (
+        await cloud.client.post("/v1/devices/checkin", content=body, headers=headers)
+    ).status_code == 200
     body, headers = left.checkin_request()
-    problem(await cloud.client.post("/v1/devices/checkin", content=body, headers=headers), 401, "bad_signature")
+    problem(
+        await cloud.client.post("/v1/devices/checkin", content=body, headers=headers),
+        401,
+        "bad_signature",
+    )
 
     # Epoch 4 is issued and left; the owner unbinds: epoch 4 is retired too.
     active = device.identifier
@@ -194,7 +235,11 @@ async def test_identities_still_in_their_attempt_are_retired_like_the_others(clo
     response = await cloud.client.delete(f"/v1/devices/{active.hex()}", headers=bearer(token))
     assert response.status_code == 204
     body, headers = left.checkin_request()
-    problem(await cloud.client.post("/v1/devices/checkin", content=body, headers=headers), 401, "bad_signature")
+    problem(
+        await cloud.client.post("/v1/devices/checkin", content=body, headers=headers),
+        401,
+        "bad_signature",
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -213,13 +258,19 @@ async def test_binds_started_before_version_5_still_complete(backend: str) -> No
                 "FROM attempts WHERE identifier = $1",
                 device.identifier,
             )
-            await tx._tx.execute("UPDATE attempts SET k_dev_wrapped = NULL WHERE identifier = $1", device.identifier)
+            await tx._tx.execute(
+                "UPDATE attempts SET k_dev_wrapped = NULL WHERE identifier = $1", device.identifier
+            )
 
         await c.registry.run(as_version_4_wrote_it)
         complete = {"attempt": session.answer["attempt"], "ack": b64url_encode(ack)}
-        assert (await c.client.post("/v1/bind/complete", json=complete, headers=bearer(token))).status_code == 200
+        assert (
+            await c.client.post("/v1/bind/complete", json=complete, headers=bearer(token))
+        ).status_code == 200
         body, headers = device.checkin_request()
-        assert (await c.client.post("/v1/devices/checkin", content=body, headers=headers)).status_code == 200
+        assert (
+            await c.client.post("/v1/devices/checkin", content=body, headers=headers)
+        ).status_code == 200
         stored = await c.registry.run(lambda tx: tx.identity(device.identifier))
         assert stored is not None and stored.state == "active"
 
@@ -275,10 +326,15 @@ async def test_client_drives_every_endpoint_and_hub_signs_for_its_owner(cloud: C
         assert (info.value.status, info.value.code) == (404, "unknown_device")
 
 
-async def test_identical_retry_returns_the_first_answer_and_others_are_refused(cloud: Cloud) -> None:
+async def test_identical_retry_returns_the_first_answer_and_others_are_refused(
+    cloud: Cloud,
+) -> None:
     record = new_factory_record()
     await register(cloud.registry, cloud.kek, [record])
-    alice, mallory = await add_user(cloud.registry, "alice"), await add_user(cloud.registry, "mallory")
+    alice, mallory = (
+        await add_user(cloud.registry, "alice"),
+        await add_user(cloud.registry, "mallory"),
+    )
     session = start_session(SimDevice(record))
     first = await cloud.client.post("/v1/bind/start", json=session.request, headers=bearer(alice))
     again = await cloud.client.post("/v1/bind/start", json=session.request, headers=bearer(alice))
@@ -308,7 +364,9 @@ async def test_every_device_refusal_looks_the_same(cloud: Cloud) -> None:
     refusals.append(start_session(wrong_model).request)
     refusals.append(start_session(SimDevice(owned)).request)  # owned by alice, no reset
     replayed = start_session(SimDevice(fresh)).request
-    assert (await cloud.client.post("/v1/bind/start", json=replayed, headers=bearer(alice))).status_code == 201
+    assert (
+        await cloud.client.post("/v1/bind/start", json=replayed, headers=bearer(alice))
+    ).status_code == 201
     refusals.append(replayed)  # same (dev_id, N_D), another principal
 
     bodies = set()
@@ -321,10 +379,14 @@ async def test_every_device_refusal_looks_the_same(cloud: Cloud) -> None:
     # reset_ctr below the highest seen; then a reset lets bob take alice's device.
     stale = SimDevice(fresh, reset_ctr=0)
     await onboard(cloud.client, bob, SimDevice(owned, reset_ctr=1))
-    response = await cloud.client.post("/v1/bind/start", json=start_session(stale).request, headers=bearer(bob))
+    response = await cloud.client.post(
+        "/v1/bind/start", json=start_session(stale).request, headers=bearer(bob)
+    )
     assert response.status_code == 201
     response = await cloud.client.post(
-        "/v1/bind/start", json=start_session(SimDevice(owned, reset_ctr=0)).request, headers=bearer(bob)
+        "/v1/bind/start",
+        json=start_session(SimDevice(owned, reset_ctr=0)).request,
+        headers=bearer(bob),
     )
     problem(response, 403, "device_refused")
 
@@ -337,28 +399,70 @@ async def test_malformed_requests_get_exact_codes(cloud: Cloud) -> None:
     post = cloud.client.post
     json_headers = bearer(token) | {"content-type": "application/json"}
 
-    problem(await post("/v1/bind/start", content=b"{not json", headers=json_headers), 400, "malformed_json")
-    problem(await post("/v1/bind/start", json={"m1": good["m1"]}, headers=bearer(token)), 422, "invalid_request")
-    problem(await post("/v1/bind/start", json=good | {"m1": "AQ=="}, headers=bearer(token)), 422, "invalid_request")
-    problem(await post("/v1/bind/start", json=good | {"m1": "A"}, headers=bearer(token)), 400, "bad_base64")
+    problem(
+        await post("/v1/bind/start", content=b"{not json", headers=json_headers),
+        400,
+        "malformed_json",
+    )
+    problem(
+        await post("/v1/bind/start", json={"m1": good["m1"]}, headers=bearer(token)),
+        422,
+        "invalid_request",
+    )
+    problem(
+        await post("/v1/bind/start", json=good | {"m1": "AQ=="}, headers=bearer(token)),
+        422,
+        "invalid_request",
+    )
+    problem(
+        await post("/v1/bind/start", json=good | {"m1": "A"}, headers=bearer(token)),
+        400,
+        "bad_base64",
+    )
     short_pub = good | {"commissioner_pub": b64url_encode(b"x" * 31)}
     problem(await post("/v1/bind/start", json=short_pub, headers=bearer(token)), 400, "wrong_size")
     bad_nonce = good | {"commissioner_nonce": b64url_encode(os.urandom(16))}
-    problem(await post("/v1/bind/start", json=bad_nonce, headers=bearer(token)), 400, "bad_commitment")
+    problem(
+        await post("/v1/bind/start", json=bad_nonce, headers=bearer(token)), 400, "bad_commitment"
+    )
     swapped = good | {"m1": good["m2"], "m2": good["m1"]}
     response = await post("/v1/bind/start", json=swapped, headers=bearer(token))
-    assert response.status_code == 400 and response.json()["code"] in {"wrong_message", "wrong_size"}
-    problem(await post("/v1/bind/start", json=good | {"m2": b64url_encode(b"\x01\x02" + b"\0" * 20)},
-                       headers=bearer(token)), 400, "cbor_trailing_bytes")
+    assert response.status_code == 400 and response.json()["code"] in {
+        "wrong_message",
+        "wrong_size",
+    }
+    problem(
+        await post(
+            "/v1/bind/start",
+            json=good | {"m2": b64url_encode(b"\x01\x02" + b"\0" * 20)},
+            headers=bearer(token),
+        ),
+        400,
+        "cbor_trailing_bytes",
+    )
 
     problem(await post("/v1/bind/start", json=good), 401, "unauthorized")
     problem(await post("/v1/bind/start", json=good, headers=bearer("nope")), 401, "unauthorized")
-    problem(await post("/v1/bind/start", json=good, headers={"authorization": "Basic eA=="}), 401, "unauthorized")
-    problem(await post("/v1/bind/start", json=good, headers={"authorization": "DS1-HMAC id=zz"}), 401, "bad_signature")
+    problem(
+        await post("/v1/bind/start", json=good, headers={"authorization": "Basic eA=="}),
+        401,
+        "unauthorized",
+    )
+    problem(
+        await post("/v1/bind/start", json=good, headers={"authorization": "DS1-HMAC id=zz"}),
+        401,
+        "bad_signature",
+    )
 
     unknown = {"attempt": b64url_encode(os.urandom(16)), "ack": b64url_encode(os.urandom(32))}
-    problem(await post("/v1/bind/complete", json=unknown, headers=bearer(token)), 404, "unknown_attempt")
-    problem(await post("/v1/bind/complete", json=unknown | {"attempt": "AAAA"}, headers=bearer(token)), 400, "wrong_size")
+    problem(
+        await post("/v1/bind/complete", json=unknown, headers=bearer(token)), 404, "unknown_attempt"
+    )
+    problem(
+        await post("/v1/bind/complete", json=unknown | {"attempt": "AAAA"}, headers=bearer(token)),
+        400,
+        "wrong_size",
+    )
 
     problem(await cloud.client.get("/v1/nowhere"), 404, "not_found")
     refused = await cloud.client.put("/v1/bind/start", json=good)
@@ -368,7 +472,11 @@ async def test_malformed_requests_get_exact_codes(cloud: Cloud) -> None:
     problem(both, 405, "method_not_allowed")
     assert both.headers["allow"] == "DELETE, GET"  # two routes share this path
     problem(await cloud.client.get("/v1/devices/XYZ", headers=bearer(token)), 400, "bad_hex")
-    problem(await cloud.client.get(f"/v1/devices/{os.urandom(16).hex()}", headers=bearer(token)), 404, "unknown_device")
+    problem(
+        await cloud.client.get(f"/v1/devices/{os.urandom(16).hex()}", headers=bearer(token)),
+        404,
+        "unknown_device",
+    )
 
 
 async def test_the_bind_start_front_and_the_fastapi_route_answer_alike(cloud: Cloud) -> None:
@@ -408,7 +516,9 @@ async def test_the_bind_start_front_and_the_fastapi_route_answer_alike(cloud: Cl
             )
             # 201s show who answered: the front for plain JSON, the route otherwise
             served_by_front = front.answered - answered_before
-            assert served_by_front == (response.status_code == 201 and content_type == "application/json")
+            assert served_by_front == (
+                response.status_code == 201 and content_type == "application/json"
+            )
         assert answers[0] == answers[1], (body.keys(), auth.keys())
     assert answers[0][0] == 401
     assert front.answered == 1
@@ -424,14 +534,18 @@ async def test_the_bind_start_front_and_the_fastapi_route_answer_alike(cloud: Cl
     deep = b"[" * 100000
     problem(
         await cloud.client.post(
-            "/v1/bind/start", content=deep, headers=bearer(token) | {"content-type": "application/json"}
+            "/v1/bind/start",
+            content=deep,
+            headers=bearer(token) | {"content-type": "application/json"},
         ),
         413,
         "payload_too_large",
     )
     nested = b"[" * 5000 + b"]" * 5000
     response = await cloud.client.post(
-        "/v1/bind/start", content=nested, headers=bearer(token) | {"content-type": "application/json"}
+        "/v1/bind/start",
+        content=nested,
+        headers=bearer(token) | {"content-type": "application/json"},
     )
     assert 400 <= response.status_code < 500, response.text
 
@@ -491,16 +605,34 @@ async def test_other_users_attempt_bad_ack_and_expiry(cloud: Cloud) -> None:
         alice, eve = await add_user(c.registry, "alice"), await add_user(c.registry, "eve")
         device = SimDevice(record)
         session = start_session(device)
-        session.answer = (await c.client.post("/v1/bind/start", json=session.request, headers=bearer(alice))).json()
+        session.answer = (
+            await c.client.post("/v1/bind/start", json=session.request, headers=bearer(alice))
+        ).json()
         ack = finish_session(device, session)
         complete = {"attempt": session.answer["attempt"], "ack": b64url_encode(ack)}
-        problem(await c.client.post("/v1/bind/complete", json=complete, headers=bearer(eve)), 404, "unknown_attempt")
+        problem(
+            await c.client.post("/v1/bind/complete", json=complete, headers=bearer(eve)),
+            404,
+            "unknown_attempt",
+        )
         wrong = complete | {"ack": b64url_encode(os.urandom(32))}
-        problem(await c.client.post("/v1/bind/complete", json=wrong, headers=bearer(alice)), 403, "bad_ack")
+        problem(
+            await c.client.post("/v1/bind/complete", json=wrong, headers=bearer(alice)),
+            403,
+            "bad_ack",
+        )
         now[0] += 7 * 86400 + 1
-        problem(await c.client.post("/v1/bind/complete", json=complete, headers=bearer(alice)), 410, "attempt_expired")
+        problem(
+            await c.client.post("/v1/bind/complete", json=complete, headers=bearer(alice)),
+            410,
+            "attempt_expired",
+        )
         body, headers = device.checkin_request(ts=int(now[0]))
-        problem(await c.client.post("/v1/devices/checkin", content=body, headers=headers), 410, "attempt_expired")
+        problem(
+            await c.client.post("/v1/devices/checkin", content=body, headers=headers),
+            410,
+            "attempt_expired",
+        )
         # Identical retry after expires_in is a replay: refused.
         again = await c.client.post("/v1/bind/start", json=session.request, headers=bearer(alice))
         problem(again, 403, "device_refused")
@@ -512,18 +644,36 @@ async def test_forged_replayed_and_stale_signatures_are_refused(cloud: Cloud) ->
     await onboard(cloud.client, token, device)
     nonce = os.urandom(16)
     body, headers = device.checkin_request(nonce=nonce)
-    assert (await cloud.client.post("/v1/devices/checkin", content=body, headers=headers)).status_code == 200
+    assert (
+        await cloud.client.post("/v1/devices/checkin", content=body, headers=headers)
+    ).status_code == 200
     replay = await cloud.client.post("/v1/devices/checkin", content=body, headers=headers)
     problem(replay, 401, "nonce_reused")
     body, headers = device.checkin_request(ts=int(time.time()) - 301)
-    problem(await cloud.client.post("/v1/devices/checkin", content=body, headers=headers), 401, "clock_skew")
+    problem(
+        await cloud.client.post("/v1/devices/checkin", content=body, headers=headers),
+        401,
+        "clock_skew",
+    )
     body, headers = device.checkin_request()
     tampered = body.replace(b'"ack"', b'"ack" ')
-    problem(await cloud.client.post("/v1/devices/checkin", content=tampered, headers=headers), 401, "bad_signature")
+    problem(
+        await cloud.client.post("/v1/devices/checkin", content=tampered, headers=headers),
+        401,
+        "bad_signature",
+    )
     forged = SimDevice(record, identifier=device.identifier, k_dev=os.urandom(32), ack=device.ack)
     body, headers = forged.checkin_request()
-    problem(await cloud.client.post("/v1/devices/checkin", content=body, headers=headers), 401, "bad_signature")
-    problem(await cloud.client.post("/v1/devices/checkin", json={"ack": "x"}, headers=bearer(token)), 401, "bad_signature")
+    problem(
+        await cloud.client.post("/v1/devices/checkin", content=body, headers=headers),
+        401,
+        "bad_signature",
+    )
+    problem(
+        await cloud.client.post("/v1/devices/checkin", json={"ack": "x"}, headers=bearer(token)),
+        401,
+        "bad_signature",
+    )
     # A pending identity (bound, not checked in) is not a hub: it cannot sign bind/start.
     pending_record = new_factory_record()
     await register(cloud.registry, cloud.kek, [pending_record])
@@ -532,8 +682,11 @@ async def test_forged_replayed_and_stale_signatures_are_refused(cloud: Cloud) ->
     session = start_session(SimDevice(new_factory_record()))
     raw = json.dumps(session.request).encode()
     auth = pending.sign("POST", "/v1/bind/start", raw)
-    response = await cloud.client.post("/v1/bind/start", content=raw,
-                                       headers={"authorization": auth, "content-type": "application/json"})
+    response = await cloud.client.post(
+        "/v1/bind/start",
+        content=raw,
+        headers={"authorization": auth, "content-type": "application/json"},
+    )
     problem(response, 401, "bad_signature")
 
 
@@ -541,7 +694,11 @@ async def test_oversize_bodies_are_refused_with_413(cloud: Cloud) -> None:
     token = await add_user(cloud.registry, "alice")
     big = json.dumps({"m1": "A" * 20000}).encode()
     headers = bearer(token) | {"content-type": "application/json"}
-    problem(await cloud.client.post("/v1/bind/start", content=big, headers=headers), 413, "payload_too_large")
+    problem(
+        await cloud.client.post("/v1/bind/start", content=big, headers=headers),
+        413,
+        "payload_too_large",
+    )
 
     async def stream() -> AsyncIterator[bytes]:  # no Content-Length: counted as it streams
         for _ in range(20):
@@ -558,16 +715,26 @@ async def test_rate_limits_answer_429_with_retry_after() -> None:
         await register(c.registry, c.kek, [record])
         token = await add_user(c.registry, "alice")
         for _ in range(3):
-            response = await c.client.post("/v1/bind/start", json=start_session(SimDevice(record)).request,
-                                           headers=bearer(token))
+            response = await c.client.post(
+                "/v1/bind/start",
+                json=start_session(SimDevice(record)).request,
+                headers=bearer(token),
+            )
             assert response.status_code == 201
-        response = await c.client.post("/v1/bind/start", json=start_session(SimDevice(record)).request,
-                                       headers=bearer(token))
+        response = await c.client.post(
+            "/v1/bind/start", json=start_session(SimDevice(record)).request, headers=bearer(token)
+        )
         problem(response, 429, "rate_limited")
         assert 1 <= int(response.headers["retry-after"]) <= 60
         # The commitment is checked before the rate limit.
-        bad = start_session(SimDevice(record)).request | {"commissioner_nonce": b64url_encode(os.urandom(16))}
-        problem(await c.client.post("/v1/bind/start", json=bad, headers=bearer(token)), 400, "bad_commitment")
+        bad = start_session(SimDevice(record)).request | {
+            "commissioner_nonce": b64url_encode(os.urandom(16))
+        }
+        problem(
+            await c.client.post("/v1/bind/start", json=bad, headers=bearer(token)),
+            400,
+            "bad_commitment",
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -578,7 +745,9 @@ async def test_the_device_limit_holds_alike_for_registered_and_unknown_dev_ids(
     the same limit, the same 429, and a new window starts both over."""
     url = backend_url(backend, None)
     now = [1_800_000_000.0]
-    settings = Settings(database_url=url, rate_per_user=100, rate_per_device=2, rate_per_address=100)
+    settings = Settings(
+        database_url=url, rate_per_user=100, rate_per_device=2, rate_per_address=100
+    )
     async with in_process_cloud(url, settings=settings, clock=lambda: now[0]) as c:
         record = new_factory_record()
         await register(c.registry, c.kek, [record])
@@ -588,7 +757,9 @@ async def test_the_device_limit_holds_alike_for_registered_and_unknown_dev_ids(
         unknown = lambda: start_session(SimDevice(unknown_record)).request  # noqa: E731
         for request, first in ((known, 201), (unknown, 403)):
             for _ in range(2):
-                response = await c.client.post("/v1/bind/start", json=request(), headers=bearer(token))
+                response = await c.client.post(
+                    "/v1/bind/start", json=request(), headers=bearer(token)
+                )
                 assert response.status_code == first
             limited = await c.client.post("/v1/bind/start", json=request(), headers=bearer(token))
             problem(limited, 429, "rate_limited")
@@ -599,7 +770,9 @@ async def test_the_device_limit_holds_alike_for_registered_and_unknown_dev_ids(
             assert response.status_code == first
 
 
-async def test_secrets_never_in_responses_or_logs(cloud: Cloud, caplog: pytest.LogCaptureFixture) -> None:
+async def test_secrets_never_in_responses_or_logs(
+    cloud: Cloud, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     device, token = await registered_device(cloud.registry, cloud.kek)
     record = device.record
@@ -617,7 +790,9 @@ async def test_secrets_never_in_responses_or_logs(cloud: Cloud, caplog: pytest.L
     body, headers = device.checkin_request()
     await cloud.client.post("/v1/devices/checkin", content=body, headers=headers)
     await cloud.client.get("/v1/devices", headers=bearer(token))
-    await cloud.client.post("/v1/bind/complete", json={"attempt": "A" * 22, "ack": "B" * 43}, headers=bearer(token))
+    await cloud.client.post(
+        "/v1/bind/complete", json={"attempt": "A" * 22, "ack": "B" * 43}, headers=bearer(token)
+    )
     haystack = "\n".join(texts) + caplog.text + repr(device.record)
     for secret in (record.k_init, device.k_dev, TEST_KEK):
         assert secret.hex() not in haystack and b64url_encode(secret) not in haystack
@@ -634,18 +809,27 @@ async def test_unknown_device_timing_is_close_to_a_bad_tag() -> None:
         record = new_factory_record()
         await register(c.registry, c.kek, [record])
         token = await add_user(c.registry, "alice")
-        wrong_key = SimDevice(FactoryRecord(record.dev_id, record.mac, os.urandom(32), record.model))
+        wrong_key = SimDevice(
+            FactoryRecord(record.dev_id, record.mac, os.urandom(32), record.model)
+        )
         unknown = SimDevice(new_factory_record())
-        requests = {"bad_tag": start_session(wrong_key).request, "unknown": start_session(unknown).request}
+        requests = {
+            "bad_tag": start_session(wrong_key).request,
+            "unknown": start_session(unknown).request,
+        }
         samples: dict[str, list[float]] = {"bad_tag": [], "unknown": []}
         for _ in range(300):
             for name, request in requests.items():
                 started = time.perf_counter()
-                response = await c.client.post("/v1/bind/start", json=request, headers=bearer(token))
+                response = await c.client.post(
+                    "/v1/bind/start", json=request, headers=bearer(token)
+                )
                 samples[name].append(time.perf_counter() - started)
                 assert response.status_code == 403
         medians = {k: statistics.median(v) * 1e6 for k, v in samples.items()}
-        print(f"\nmedian refusal µs: {medians}, difference {medians['unknown'] - medians['bad_tag']:+.1f} µs")
+        print(
+            f"\nmedian refusal µs: {medians}, difference {medians['unknown'] - medians['bad_tag']:+.1f} µs"
+        )
         assert abs(medians["unknown"] - medians["bad_tag"]) < 0.5 * medians["bad_tag"]
 
 
@@ -721,7 +905,10 @@ async def test_fifty_concurrent_bind_starts_for_one_challenge(backend: str) -> N
         winner = tokens[[r.status_code for r in responses].index(201)]
         first = next(r for r in responses if r.status_code == 201)
         retries = await asyncio.gather(
-            *(c.client.post("/v1/bind/start", json=request, headers=bearer(winner)) for _ in range(10))
+            *(
+                c.client.post("/v1/bind/start", json=request, headers=bearer(winner))
+                for _ in range(10)
+            )
         )
         assert all(r.status_code == 201 and r.content == first.content for r in retries)
 
