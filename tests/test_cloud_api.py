@@ -344,6 +344,54 @@ async def test_identical_retry_returns_the_first_answer_and_others_are_refused(
     problem(other, 403, "device_refused")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_every_bind_start_is_counted_and_only_a_new_attempt_moves_epoch_and_reset_ctr(
+    backend: str,
+) -> None:
+    """bind/start reads the device once and writes it back once, on every path: a refusal,
+    an identical retry, a replay and a rate-limited request count, and none of them moves
+    the device's epoch or its highest reset_ctr (a forged M2 must not raise it)."""
+    url = backend_url(backend, None)
+    settings = Settings(
+        database_url=url, rate_per_user=100, rate_per_device=5, rate_per_address=100
+    )
+    async with in_process_cloud(url, settings=settings) as c:
+        record = new_factory_record()
+        await register(c.registry, c.kek, [record])
+        alice, bob = await add_user(c.registry, "alice"), await add_user(c.registry, "bob")
+
+        async def row() -> tuple[int, int, int]:
+            async def body(tx: RegistryTransaction) -> tuple[int, int, int]:
+                found = await tx._tx.fetchrow(
+                    "SELECT rate_hits, last_epoch, max_reset_ctr FROM devices WHERE dev_id = $1",
+                    record.dev_id,
+                )
+                return (found[0], found[1], found[2])
+
+            return await c.registry.run(body)
+
+        async def start(request: dict[str, str], token: str) -> int:
+            response = await c.client.post("/v1/bind/start", json=request, headers=bearer(token))
+            return response.status_code
+
+        forged = SimDevice(
+            FactoryRecord(record.dev_id, record.mac, os.urandom(32), record.model), reset_ctr=3
+        )
+        assert await start(start_session(forged).request, alice) == 403
+        assert await row() == (1, 0, -1)
+        request = start_session(SimDevice(record, reset_ctr=3)).request
+        assert await start(request, alice) == 201
+        assert await row() == (2, 1, 3)
+        assert await start(request, alice) == 201  # the identical retry
+        assert await row() == (3, 1, 3)
+        assert await start(request, bob) == 403  # the same (dev_id, N_D), another principal
+        assert await row() == (4, 1, 3)
+        assert await start(start_session(SimDevice(record, reset_ctr=3)).request, alice) == 201
+        assert await row() == (5, 2, 3)
+        assert await start(start_session(SimDevice(record, reset_ctr=9)).request, alice) == 429
+        assert await row() == (6, 2, 3)  # counted, nothing else
+
+
 # --- hostile input ---------------------------------------------------------------------------
 
 
