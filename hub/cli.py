@@ -102,7 +102,7 @@ async def _run(args: argparse.Namespace, factory: Any, wifi: Any, cloud_url: str
 
     created = missing_directories(args.state)  # gone again if the hub never got going
     try:
-        store = DeviceStore(args.state, owner=True)
+        store = DeviceStore(args.state, owner=True, dev_id=factory.dev_id)  # its own state only
         state = store.load()
         if state.active is None:
             _say("not onboarded yet: advertising as a device for the phone app")

@@ -265,6 +265,27 @@ def test_hub_state_that_is_a_file(
     assert notes.read_text() == "my notes\n"
 
 
+def test_hub_refuses_another_devices_state(
+    capsys: pytest.CaptureFixture[str], factory: Path, tmp_path: Path
+) -> None:
+    """A hub given a device's state directory booted as that device (no dev_id check)."""
+    from device.storage import DeviceState, DeviceStore
+
+    other = make_factory(8)
+    state = tmp_path / "state"
+    DeviceStore(state, owner=True, dev_id=other.dev_id).save(DeviceState(reset_ctr=2))
+    code, out, err = run(
+        capsys, "hub", "run", "--factory", str(factory), "--state", str(state), "--cloud", CLOUD,
+        "--confirm", "accept",
+    )  # fmt: skip
+    assert code == 2 and out == ""
+    assert one_line(err).startswith(
+        f"doorstep hub: state directory {state} belongs to device {other.dev_id.hex()}, not to "
+        f"this factory record's {make_factory(7).dev_id.hex()}"
+    )
+    assert DeviceStore(state).load().dev_id == other.dev_id  # left as it was
+
+
 @pytest.mark.parametrize("command", ["run", "show"])
 def test_device_state_that_is_a_file_is_not_a_directory(
     capsys: pytest.CaptureFixture[str], factory: Path, tmp_path: Path, command: str
