@@ -2,7 +2,9 @@
 
 ::
 
-    LinkError (protocol_error 11)          the link failed or a value was malformed
+    LinkError (protocol_error 11)          the link failed or a value was malformed; with
+                                           code ``bluetooth_lost``: a peripheral's Bluetooth
+                                           service (bluetoothd, its D-Bus) went away
     ├── DeviceNotFound (timed_out 13)      not seen in a scan / out of range
     ├── ConnectFailed (timed_out 13)       connect refused or timed out after retries
     ├── Disconnected (protocol_error 11)   the link dropped

@@ -39,7 +39,7 @@ from cloud.keys import (
 )
 from cloud.service import BindService, hash_token
 from cloud.settings import ENV_DB, LOG_LEVELS, default_database_url
-from cloud.store.database import split_postgres_url, sqlite_path, where_postgres
+from cloud.store.database import first_line, split_postgres_url, sqlite_path, where_postgres
 from cloud.store.registry import DeviceRecord, Registry, RegistryTransaction, open_registry
 from protocol.display import printable
 from protocol.encoding import b64url_encode
@@ -191,10 +191,11 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
         except OSError as exc:
             return _fail(str(exc))
         except sqlite3.Error as exc:  # e.g. a file this user may only read
-            return _fail(f"the database refused: {exc} [database_unavailable]")
+            return _fail(f"the database refused: {first_line(exc)} [database_unavailable]")
         except Exception as exc:
             if type(exc).__module__.startswith("asyncpg"):
-                return _fail(f"the database refused: {exc} [database_unavailable]")
+                # The first line only: PostgreSQL's DETAIL may quote a row (a token's hash).
+                return _fail(f"the database refused: {first_line(exc)} [database_unavailable]")
             raise
 
     wrapper.__doc__ = func.__doc__
@@ -459,7 +460,7 @@ def cmd_factory_new(args: argparse.Namespace) -> int:
     if not args.out.strip():
         return _usage_error("--out must name a directory")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
+    if (out.exists() or out.is_symlink()) and not out.is_dir():  # a dangling link too
         return _usage_error(f"--out {out} is not a directory")
     kek = KeyEncryptionKey(load_kek(args.kek_file))
     from cloud.app import cloud_entropy

@@ -573,23 +573,25 @@ def test_listing_a_postgresql_schema_that_does_not_exist_creates_nothing(
     [
         (["--out", ""], "--out must name a directory"),
         (["--out", "{file}"], "--out {file} is not a directory"),
+        (["--out", "{link}"], "--out {link} is not a directory"),
         (["--model", "Lamp\x1b[2J"], "--model must be 1–32 bytes of printable UTF-8"),
     ],
-    ids=["empty out", "out is a file", "model with a control character"],
+    ids=["empty out", "out is a file", "out is a dangling link", "model with a control character"],
 )
 def test_factory_new_refuses_what_it_cannot_write_well(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str], message: str
 ) -> None:
     """An empty --out wrote into the current directory; a file gave "[Errno 17] File
     exists"; a model name with control characters reached every listing of it."""
-    afile = tmp_path / "afile"
+    afile, link = tmp_path / "afile", tmp_path / "link"
     afile.write_text("mine")
+    link.symlink_to(tmp_path / "nowhere")
     argv = ["cloud", "factory", "new", "--count", "1", "--db", f"sqlite:///{tmp_path}/c.db"]
     if "--out" not in args:
         argv += ["--out", str(tmp_path / "records")]
-    argv += [arg.format(file=afile) for arg in args]
+    argv += [arg.format(file=afile, link=link) for arg in args]
     assert main(argv) == 2  # usage errors, as in the other roles' commands
-    _one_line_error(capsys.readouterr().err, message.format(file=afile))
+    _one_line_error(capsys.readouterr().err, message.format(file=afile, link=link))
     assert afile.read_text() == "mine" and not (tmp_path / "c.db").exists()
 
 

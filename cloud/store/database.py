@@ -442,7 +442,8 @@ async def _thread_ended(conn: aiosqlite.Connection) -> None:
     ended at once), the thread's last reply raised "Event loop is closed" there,
     printed as two tracebacks after the one-line error.
     """
-    thread = getattr(conn, "_thread", None)
+    # aiosqlite 0.22 keeps its thread in ``_thread``; before, the connection was the thread.
+    thread = conn if isinstance(conn, threading.Thread) else getattr(conn, "_thread", None)
     for _ in range(5000):
         if thread is None or not thread.is_alive():
             return
@@ -597,7 +598,7 @@ class PostgresDatabase:
             asyncpg.InterfaceError,
         ) as exc:
             raise ConfigurationError(
-                f"cannot use the PostgreSQL database {where_postgres(dsn)}: {_reason(exc)}",
+                f"cannot use the PostgreSQL database {where_postgres(dsn)}: {first_line(exc)}",
                 code="database_unavailable",
             ) from None
         return cls(pool)
@@ -620,10 +621,14 @@ def where_postgres(dsn: str) -> str:
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
         port = ""
-    return f"{parts.hostname or 'localhost'}{port}{parts.path or '/'}"
+    # libpq's ?host=/run/postgresql (a Unix socket directory) names the host too
+    host = parts.hostname or dict(parse_qsl(parts.query)).get("host") or "localhost"
+    return f"{host}{port}{parts.path or '/'}"
 
 
-def _reason(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An error's first line, at most 200 characters (PostgreSQL's DETAIL and HINT lines
+    may quote row contents)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text[:200]
 
