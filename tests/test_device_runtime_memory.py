@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,6 @@ import pytest
 
 from ble.memory import MemoryAir
 from ble.profile import AdvState, Sighting
-from demo.stack import free_port
 from device.cloudlink import CloudCheckin
 from device.runtime import CheckinService, DeviceRuntime
 from device.storage import DeviceState, DeviceStore
@@ -334,7 +334,15 @@ class CloudComingBack:
         self.cloud = cloud
         self.down = down
         self.tries = 0
-        self.nowhere = CloudCheckin(f"http://127.0.0.1:{free_port()}")
+        # Bound, never listening, held until close(): connections are refused, and no
+        # other process can take the port meanwhile (as one released at once could).
+        self.port_holder = socket.socket()
+        self.port_holder.bind(("127.0.0.1", 0))
+        self.nowhere = CloudCheckin(f"http://127.0.0.1:{self.port_holder.getsockname()[1]}")
+
+    async def close(self) -> None:
+        await self.nowhere.close()
+        self.port_holder.close()
 
     async def checkin(self, identifier: bytes, k_dev: bytes, ack: bytes) -> None:
         self.tries += 1
@@ -367,7 +375,7 @@ async def test_a_failing_checkin_is_told_once_and_its_success_after_it_once(
         assert report.ok, report.message
         await asyncio.wait_for(runtime.onboarded.wait(), 20)
         await settle(lambda: user.messages[-1].startswith("Checked in"))
-    await service.nowhere.close()
+    await service.close()
     assert service.tries == 6
     short = report.short_id
     assert user.messages == [
