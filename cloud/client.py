@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -24,6 +25,22 @@ from protocol.encoding import b64url_encode
 from protocol.signature import sign_request
 
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+
+
+def cloud_url_problem(url: str, what: str) -> str | None:
+    """Why ``url`` is no cloud base URL (``what`` names where it came from), or None.
+
+    One rule for every client of the cloud (``phone pair``'s and ``device run``'s ``--cloud``).
+    """
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        _ = parts.port  # ValueError when the port is not a number in 0..65535
+    except ValueError:
+        ok = False
+    if ok:
+        return None
+    return f"{what} must be an http:// or https:// URL with a host, e.g. https://cloud.example"
 
 
 class CloudError(Exception):

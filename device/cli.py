@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from device.wifi import WifiEnvironment
@@ -85,23 +84,6 @@ NO_TERMINAL = (
     "no terminal to answer pairing requests on (stdin is not one): "
     "pass --confirm accept or --confirm reject"
 )
-
-
-def cloud_url_problem(url: str, what: str) -> str | None:
-    """Why ``url`` is no cloud base URL (``what`` names where it came from), or None.
-
-    The same rule and words as ``phone pair``'s ``--cloud`` (phone/cli.py), which the
-    device does not import: a device never depends on the phone's code.
-    """
-    try:
-        parts = urlsplit(url)
-        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
-        _ = parts.port  # ValueError when the port is not a number in 0..65535
-    except ValueError:
-        ok = False
-    if ok:
-        return None
-    return f"{what} must be an http:// or https:// URL with a host, e.g. https://cloud.example"
 
 
 def load_factory(path: Path) -> FactoryRecord:
@@ -204,6 +186,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"--fw must be at most {FW_MAX_BYTES} bytes of UTF-8 (the firmware version "
             f"sent in M2), got {fw_bytes}"
         )
+    from cloud.client import cloud_url_problem
+
     if args.cloud:  # an empty --cloud is no --cloud, as for phone pair
         cloud_problem = cloud_url_problem(args.cloud, "--cloud")
     elif env_cloud := os.environ.get("DOORSTEP_CLOUD_URL"):

@@ -39,7 +39,6 @@ import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
-from urllib.parse import urlsplit
 
 from ble.errors import BLUETOOTH_HINT, unusable_bluetooth
 from phone.config import (
@@ -178,16 +177,10 @@ def read_passphrase(args: argparse.Namespace, env: dict[str, str] | None = None)
 
 def check_cloud_url(url: str, what: str) -> None:
     """Refuse a cloud URL that is not ``http(s)://host…`` (``what`` names where it came from)."""
-    try:
-        parts = urlsplit(url)
-        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
-        _ = parts.port  # ValueError when the port is not a number in 0..65535
-    except ValueError:
-        ok = False
-    if not ok:
-        raise UsageError(
-            f"{what} must be an http:// or https:// URL with a host, e.g. https://cloud.example"
-        )
+    from cloud.client import cloud_url_problem
+
+    if (problem := cloud_url_problem(url, what)) is not None:
+        raise UsageError(problem)
 
 
 def check_pair_options(args: argparse.Namespace) -> None:
