@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import os
 import shutil
 import signal
@@ -67,6 +69,23 @@ def child_environment(
     path = env.get("PATH", "")
     env["PATH"] = f"{shim_dir}{os.pathsep}{path}" if path else shim_dir
     return env
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the forked daemon, before exec: SIGTERM when the simulator dies (Linux).
+
+    In its own session it is out of reach of signals sent to the simulator's
+    group, so a simulator killed with SIGKILL (no ``stop``) left it running for
+    good. Elsewhere, or if refused, it is stopped by ``stop`` only, as before.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the simulator died before the request took effect
+        os._exit(0)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 class PrivateBus:
@@ -122,6 +141,7 @@ class PrivateBus:
             stdin=asyncio.subprocess.DEVNULL,
             stderr=daemon_log,
             start_new_session=True,
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
         )
 
     async def stop(self) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 from bleak import BleakClient, BleakScanner
@@ -36,7 +39,9 @@ async def _round_trips(client: BleakClient, payloads: list[bytes]) -> list[bytes
 
 
 @pytest.mark.parametrize("mtu", [23, 247])
-async def test_discover_connect_read_notify_write(mtu: int, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_discover_connect_read_notify_write(
+    mtu: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with SimProcess(mtu=mtu) as sim:
         for key, value in sim.env().items():
             monkeypatch.setenv(key, value)
@@ -69,8 +74,11 @@ async def test_central_killed_mid_write_leaves_peripheral_usable(
             monkeypatch.setenv(key, value)
         async with EchoPeripheralProcess(sim.env()):
             central = await asyncio.create_subprocess_exec(
-                sys.executable, CENTRAL_WRITER, "Doorstep-0001",
-                env=sim.env(), stdout=asyncio.subprocess.PIPE,
+                sys.executable,
+                CENTRAL_WRITER,
+                "Doorstep-0001",
+                env=sim.env(),
+                stdout=asyncio.subprocess.PIPE,
             )
             assert central.stdout is not None
             line = await asyncio.wait_for(central.stdout.readline(), timeout=30)
@@ -94,3 +102,39 @@ async def test_32_peripherals_in_one_scan(monkeypatch: pytest.MonkeyPatch) -> No
             names = {a.local_name for _d, a in found.values()}
             assert set(peripherals.names) <= names
             assert len({d.address for d, _a in found.values()}) >= 32
+
+
+def _state(pid: int) -> str:
+    """A process's state letter (``Z`` a zombie), or "" once it is gone."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return ""
+
+
+def _bus_daemons_of(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == parent and b"dbus-daemon" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+    return found
+
+
+async def test_a_simulator_killed_with_sigkill_takes_its_bus_daemon_with_it() -> None:
+    """The private dbus-daemon runs in its own session; a ``doorstep sim`` that was
+    killed (no clean stop) left it running for good."""
+    sim = SimProcess()
+    await sim.start()
+    (daemon,) = _bus_daemons_of(sim.pid)
+    try:
+        os.kill(sim.pid, signal.SIGKILL)
+        for _ in range(200):
+            if _state(daemon) in ("", "Z"):
+                break
+            await asyncio.sleep(0.05)
+        assert _state(daemon) in ("", "Z"), "the bus daemon is still running"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(daemon, signal.SIGKILL)
+        await sim.stop()
