@@ -184,7 +184,9 @@ def check_cloud_url(url: str, what: str) -> None:
 
 
 def check_pair_options(args: argparse.Namespace) -> None:
-    """The numeric options of ``phone pair``, before anything is read or started."""
+    """The options of ``phone pair`` that need no file or network, before anything starts."""
+    if not args.device.strip():  # it scanned for a device without a name
+        raise UsageError("--device must be a device's advertised name or BLE address")
     if args.security is not None and args.security not in {int(s) for s in Security}:
         known = ", ".join(f"{int(s)} ({s.label})" for s in Security)
         raise UsageError(f"--security must be one of {known}; got {args.security}")

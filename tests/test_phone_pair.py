@@ -134,6 +134,21 @@ WITH_CLOUD = ["--cloud", "https://cloud.example", "--token", "dst_test_token"]
 PW = ["--passphrase-env", "PW"]
 
 
+@pytest.mark.parametrize("device", ["", "  "])
+async def test_an_empty_device_name_is_a_usage_error(
+    no_saved_config: Path, monkeypatch: pytest.MonkeyPatch, device: str
+) -> None:
+    """``--device ""`` scanned for a device without a name, for the whole scan timeout."""
+    monkeypatch.setenv("PW", HOME_PASSPHRASE)
+    args = parse("--device", device, "--ssid", "Home", *PW, *WITH_CLOUD, "--yes")
+    out, err = io.StringIO(), io.StringIO()
+    assert await pair_main(args, out, err) == EXIT_USAGE
+    assert err.getvalue() == (
+        "doorstep phone pair: --device must be a device's advertised name or BLE address\n"
+    )
+    assert out.getvalue() == ""
+
+
 @pytest.mark.parametrize(
     ("argv", "cloud_url_env", "saved", "message"),
     [
