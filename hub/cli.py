@@ -53,9 +53,10 @@ def _fail(message: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from device.cli import bluetooth_problem, load_factory, load_wifi
+    from device.cli import bluetooth_problem, load_factory, load_wifi, state_dir_problem
     from device.storage import StorageError
     from device.wifi import WifiConfigError
+    from hub.registry import HubRegistryError
     from protocol.errors import MessageError
 
     if args.max_parallel < 1:
@@ -80,9 +81,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             "no terminal for the operator console (stdin is not one): "
             "pass --confirm accept or --confirm reject"
         )
+    if (problem := state_dir_problem(args.state)) is not None:
+        return _fail(problem)
     try:
         return asyncio.run(_run(args, factory, wifi, cloud_url))
-    except StorageError as exc:
+    except (StorageError, HubRegistryError) as exc:
         return _fail(str(exc))
     except Exception as exc:
         if (problem := bluetooth_problem(exc)) is None:
@@ -104,8 +107,14 @@ async def _run(args: argparse.Namespace, factory: Any, wifi: Any, cloud_url: str
     try:
         store = DeviceStore(args.state, owner=True, dev_id=factory.dev_id)  # its own state only
         state = store.load()
-        if state.active is None:
+        if state.active is None and state.pending is not None:
+            # Restarted after the phone app onboarded it: only its check-in is missing.
+            _say(
+                "onboarded, not checked in yet: checking in with the cloud before accepting devices"
+            )
+        elif state.active is None:
             _say("not onboarded yet: advertising as a device for the phone app")
+        if state.active is None:
             if not await _device_phase(args, factory, wifi, store, cloud_url):
                 return 1
             state = store.load()
@@ -215,7 +224,7 @@ async def _commissioner_phase(args: argparse.Namespace, state: Any, cloud_url: s
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from hub.registry import HubRegistry
+    from hub.registry import HubRegistry, HubRegistryError
 
     path = args.state / "hub.db"
     if not path.exists():
@@ -225,7 +234,10 @@ def cmd_devices(args: argparse.Namespace) -> int:
         async with HubRegistry(path) as registry:
             return await registry.latest_by_device()
 
-    rows = asyncio.run(load())
+    try:
+        rows = asyncio.run(load())
+    except HubRegistryError as exc:
+        return _fail(str(exc))
     if args.json:
         print(json.dumps([r.__dict__ for r in rows], indent=2))
         return 0

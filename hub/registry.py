@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +57,20 @@ class OnboardingRecord:
 IN_PROGRESS = -1  # status of a row whose onboarding has not ended (yet, or ever: hub killed)
 
 
+class HubRegistryError(Exception):
+    """The registry file cannot be used (not a database, unreadable, read-only)."""
+
+
+async def _thread_ended(conn: aiosqlite.Connection) -> None:
+    """Wait (at most 5 s) for the thread of a connection that failed to open to end
+    (aiosqlite stops it without waiting)."""
+    thread = conn if isinstance(conn, threading.Thread) else getattr(conn, "_thread", None)
+    for _ in range(5000):
+        if thread is None or not thread.is_alive():
+            return
+        await asyncio.sleep(0.001)
+
+
 class HubRegistry:
     """One row per onboarding attempt; ``final`` marks the last word on a device.
 
@@ -67,11 +84,31 @@ class HubRegistry:
         self._db: aiosqlite.Connection | None = None
 
     async def open(self) -> HubRegistry:
+        """Open (creating it if need be) the registry file.
+
+        A file that is no SQLite database, or one that cannot be opened or written,
+        is a :class:`HubRegistryError` with nothing left open: a connection's thread
+        left behind kept the process from ever exiting.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self.path)
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.executescript(SCHEMA)
-        await self._db.commit()
+        db = aiosqlite.connect(self.path)
+        try:
+            await db
+        except sqlite3.Error as exc:
+            await _thread_ended(db)
+            raise HubRegistryError(f"cannot open the hub registry {self.path}: {exc}") from None
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.executescript(SCHEMA)
+            await db.commit()
+        except BaseException as exc:
+            await db.close()
+            if isinstance(exc, sqlite3.Error):
+                raise HubRegistryError(
+                    f"{self.path} is not a usable hub registry: {exc}"
+                ) from None
+            raise
+        self._db = db
         return self
 
     async def close(self) -> None:

@@ -455,6 +455,10 @@ def cmd_app(args: argparse.Namespace) -> int:
 
     try:
         config, store = cloud_config(args)
+        env_url = os.environ.get(ENV_CLOUD_URL)
+        if not getattr(args, "cloud", None) and env_url:
+            # A saved URL can be mended in the app's settings; a variable only where it is set.
+            check_cloud_url(env_url, f"${ENV_CLOUD_URL}")
     except UsageError as exc:
         print(f"doorstep phone: {exc}", file=sys.stderr)
         return EXIT_USAGE

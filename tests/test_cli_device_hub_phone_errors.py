@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -261,8 +262,52 @@ def test_hub_state_that_is_a_file(
         "--confirm", "accept",
     )  # fmt: skip
     assert code == 2
-    assert one_line(err).startswith(f"doorstep hub: state directory {notes} is unusable")
+    assert one_line(err) == f"doorstep hub: {notes} is not a directory"
     assert notes.read_text() == "my notes\n"
+
+
+def test_a_hub_registry_that_is_no_database_is_one_line_and_the_command_ends(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """``hub devices`` (and ``hub run``, which opens it the same way once it has Bluetooth)
+    printed a traceback, then never exited: the registry's connection thread stayed."""
+    state = tmp_path / "hub"
+    state.mkdir()
+    (state / "hub.db").write_text("garbage\n")
+    threads = threading.active_count()
+    code, _out, err = run(capsys, "hub", "devices", "--state", str(state))
+    assert code == 2
+    assert one_line(err) == (
+        f"doorstep hub: {state / 'hub.db'} is not a usable hub registry: file is not a database"
+    )
+    assert threading.active_count() == threads  # nothing left to keep the process alive
+    assert (state / "hub.db").read_text() == "garbage\n"
+
+
+def test_a_restarted_hub_that_only_has_to_check_in_says_so(
+    capsys: pytest.CaptureFixture[str], factory: Path, tmp_path: Path
+) -> None:
+    """It said "not onboarded yet: advertising as a device for the phone app", and the
+    next line said it was provisioned."""
+    from device.storage import DeviceState, DeviceStore, PendingBind, StoredIdentity, StoredWifi
+
+    state = tmp_path / "hub"
+    pending = PendingBind(
+        wifi=StoredWifi(b"Home", 1, "correct horse"),
+        identity=StoredIdentity(b"\x01" * 16, b"\x02" * 32, 1),
+        ack=b"\x03" * 32,
+        th=b"\x04" * 32,
+        stored_at=1.0,
+    )
+    DeviceStore(state, owner=True).save(DeviceState(pending=pending))
+    code, out, _err = run(
+        capsys, "hub", "run", "--factory", str(factory), "--state", str(state), "--cloud", CLOUD,
+        "--confirm", "accept",
+    )  # fmt: skip
+    assert code == 2  # no Bluetooth here
+    assert out.splitlines()[0] == (
+        "[hub] onboarded, not checked in yet: checking in with the cloud before accepting devices"
+    )
 
 
 def test_hub_refuses_another_devices_state(
@@ -498,15 +543,18 @@ def test_phone_pair_refuses_bad_options_before_doing_anything(
     assert passphrase not in out + err
 
 
-def test_phone_pair_refuses_a_cloud_url_from_the_environment(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("command", ["pair", "app"])
+def test_phone_refuses_a_cloud_url_from_the_environment(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str
 ) -> None:
+    """The app opened and scanned with a malformed $DOORSTEP_CLOUD_URL."""
     monkeypatch.setenv("DOORSTEP_CLOUD_URL", "cloud.example")
-    argv = [a for a in pair_args() if a not in ("--cloud", CLOUD)]
-    code, _out, err = run(capsys, *argv)
+    argv = [a for a in pair_args() if a not in ("--cloud", CLOUD)] if command == "pair" else []
+    code, _out, err = run(capsys, *(argv or ["phone"]))
     assert code == 2
+    who = "doorstep phone pair" if command == "pair" else "doorstep phone"
     assert one_line(err) == (
-        "doorstep phone pair: $DOORSTEP_CLOUD_URL must be an http:// or https:// URL with a "
+        f"{who}: $DOORSTEP_CLOUD_URL must be an http:// or https:// URL with a "
         "host, e.g. https://cloud.example"
     )
 
