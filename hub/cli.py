@@ -115,8 +115,9 @@ async def _run(args: argparse.Namespace, factory: Any, wifi: Any, cloud_url: str
         elif state.active is None:
             _say("not onboarded yet: advertising as a device for the phone app")
         if state.active is None:
-            if not await _device_phase(args, factory, wifi, store, cloud_url):
-                return 1
+            stopped = await _device_phase(args, factory, wifi, store, cloud_url)
+            if stopped is not None:
+                return stopped
             state = store.load()
     finally:
         remove_if_empty(created)
@@ -128,8 +129,9 @@ async def _run(args: argparse.Namespace, factory: Any, wifi: Any, cloud_url: str
 
 async def _device_phase(
     args: argparse.Namespace, factory: Any, wifi: Any, store: Any, cloud_url: str
-) -> bool:
-    """First boot: the hub is a device (the same runtime as any device)."""
+) -> int | None:
+    """First boot: the hub is a device (the same runtime as any device). None once it is
+    onboarded; else the exit status: 130 for Ctrl-C, 0 for SIGTERM (as ``device run``), 1."""
     from device.cli import build_runtime, wait_started
     from device.user import TerminalUser
 
@@ -137,8 +139,14 @@ async def _device_phase(
         factory, store, confirm=args.confirm, wifi=wifi, cloud_url=cloud_url
     )
     loop = asyncio.get_running_loop()
+    stopped_by: list[int] = []
+
+    def stop(sig: int) -> None:
+        stopped_by.append(sig)
+        runtime.stop()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, runtime.stop)
+        loop.add_signal_handler(sig, stop, sig)
     try:
         task = asyncio.create_task(runtime.run())
         if await wait_started(runtime, task) and isinstance(user, TerminalUser):
@@ -151,7 +159,12 @@ async def _device_phase(
         await checkin.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-    return done.done()
+    if done.done():
+        return None
+    if stopped_by:  # it used to end with 1, like a failure, and without a word
+        _say("stopped before it was onboarded")
+        return 130 if stopped_by[0] == signal.SIGINT else 0
+    return 1
 
 
 async def _check_bluetooth() -> None:

@@ -205,6 +205,20 @@ async def test_dropped_link_is_retried_and_each_attempt_is_reported(tmp_path: Pa
         )
 
 
+@pytest.mark.parametrize(("stop", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+async def test_a_hub_stopped_before_it_is_onboarded_says_so(
+    tmp_path: Path, stop: signal.Signals, status: int
+) -> None:
+    """Ctrl-C or SIGTERM on a first boot ended `hub run` with 1, as a failure, and silently."""
+    async with running_stack(tmp_path, timing=False) as stack:
+        hub = HubProcess(stack)
+        await hub.start()
+        await hub.wait_line("waiting for a commissioner", timeout=30)  # its radio is up
+        await hub.kill(stop)
+        assert hub.proc is not None and hub.proc.process.returncode == status
+        assert hub_lines(hub)[-1] == "[hub] stopped before it was onboarded"
+
+
 async def test_rejected_device_stays_untouched_and_advertising(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
