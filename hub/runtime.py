@@ -300,7 +300,11 @@ class HubCommissioner:
                 retry = report.status in TRANSIENT and attempt < self.max_attempts
                 self._settle(pending, report, retry, attempt)  # before the slot is freed
             self.stats.reports.append(report)
-            final = not retry and report.status is not Status.WINDOW_CLOSED
+            # Not the device's last word: its pairing window closed, or the cloud was down
+            # (a device failed only for that used to be left alone for good, restarts too).
+            final = (
+                not retry and report.status is not Status.WINDOW_CLOSED and not report.cloud_down
+            )
             await self._finish(row_id, pending, report, final=final)
             delay = self.retry_base_s * 2 ** (attempt - 1)
             self._tell(

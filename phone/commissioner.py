@@ -175,6 +175,8 @@ class OnboardingReport:
     #: ended by something that is neither the device nor DS1: the cloud unreachable or
     #: failing, or refusing this commissioner's credentials (``phone pair`` exits 20)
     outside_ds1: bool = False
+    #: the cloud could not be reached or failed itself: the same try may work later
+    cloud_down: bool = False
     #: the task was cancelled (the user cancelled, Ctrl-C): ``stage`` is where it stopped
     cancelled: bool = False
 
@@ -498,6 +500,7 @@ class Onboarding:
         except DS1Error as exc:
             hint = LINK_LOST_HINT if isinstance(exc, Disconnected) else getattr(exc, "hint", "")
             self.report.outside_ds1 = bool(getattr(exc, "outside_ds1", False))
+            self.report.cloud_down = bool(getattr(exc, "transient", False))
             return await self._fail(exc.status, exc.message, hint, cause=exc.code)
         except asyncio.CancelledError:
             self._cancelled()

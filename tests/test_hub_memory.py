@@ -64,6 +64,7 @@ async def run_hub(
     operator: ScriptedOperator,
     expected: int,
     max_parallel: int = 4,
+    max_attempts: int = 3,
 ) -> tuple[HubCommissioner, list[OnboardingRecord], int, list[str]]:
     """Run the hub until ``expected`` devices are settled: (hub, registry rows, peak
     parallel onboardings, the lines the unattended hub prints)."""
@@ -75,6 +76,7 @@ async def run_hub(
             HOME,
             registry,
             max_parallel=max_parallel,
+            max_attempts=max_attempts,
             scan_period_s=0.01,
             retry_base_s=0.01,
         )
@@ -152,6 +154,36 @@ async def test_failed_join_reported_and_not_retried(tmp_path: Path) -> None:
                 f"{(onboarded.identifier or '')[:8]}",
             ]
         )
+
+
+async def test_a_device_failed_only_because_the_cloud_was_down_is_tried_again_later(
+    tmp_path: Path,
+) -> None:
+    """Its last failed try was final: the hub, restarts included, never tried it again."""
+    from phone.cloudlink import CloudRefused
+
+    async with fleet(tmp_path, 1) as (air, cloud, _runtimes):
+        bind_start, refusals = cloud.bind_start, []
+
+        async def unreachable(request: object) -> object:
+            refusals.append(request)
+            raise CloudRefused(
+                Status.TIMED_OUT, "cloud_unavailable", "Cannot reach the cloud.", "", transient=True
+            )
+
+        cloud.bind_start = unreachable  # type: ignore[method-assign]
+        # One try: after it the device backs off (§5.6), and a retry meets that instead.
+        operator = ScriptedOperator(True)
+        _hub, rows, _, lines = await run_hub(air, cloud, tmp_path, operator, 1, max_attempts=1)
+        assert len(refusals) == 1 and len(rows) == 1
+        assert not rows[0].final  # tried again when its window is next open
+        assert lines == [
+            "Doorstep-0142 (C8:2B:96:1A:01:42): failed: 13 timed_out (Cannot reach the cloud.); "
+            "will try again once its pairing window is open"
+        ]
+        async with HubRegistry(tmp_path / "hub.db") as registry:
+            assert await registry.finished_addresses() == set()  # a restarted hub tries it
+        cloud.bind_start = bind_start  # type: ignore[method-assign]
 
 
 async def test_rejected_device_stays_untouched_and_advertising(tmp_path: Path) -> None:
