@@ -17,6 +17,15 @@ if TYPE_CHECKING:
     from hub.runtime import DeviceOutcome, HubStats
 
 
+RUN_EPILOG = """exit status:
+  0    stopped: SIGTERM, or Ctrl-C / quit once it accepts devices
+  1    its first boot ended without it being onboarded, or Bluetooth went away
+       while it accepted devices
+  2    a usage error, or it could not start (no Bluetooth adapter, an unusable
+       state directory or registry, another device's state)
+  130  interrupted (Ctrl-C) during its first boot, before it was onboarded"""
+
+
 def add_parser(subparsers: Any) -> None:
     hub = subparsers.add_parser(
         "hub", help="a home hub: onboarded by the phone, then onboards devices"
@@ -24,7 +33,12 @@ def add_parser(subparsers: Any) -> None:
     hub.set_defaults(func=lambda _a: (hub.print_help(), 2)[1])
     sub = hub.add_subparsers(dest="hub_command", metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the hub")
+    run = sub.add_parser(
+        "run",
+        help="run the hub",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("--factory", required=True, type=Path, help="the hub's factory record JSON")
     run.add_argument("--state", required=True, type=Path, help="state directory")
     run.add_argument(
@@ -124,7 +138,18 @@ async def _run(args: argparse.Namespace, factory: Any, wifi: Any, cloud_url: str
     assert state.active is not None and state.wifi is not None
     await _check_bluetooth()
     _say(f"onboarded as {state.active.identifier.hex()[:8]}; accepting devices")
-    return await _commissioner_phase(args, state, cloud_url)
+    try:
+        return await _commissioner_phase(args, state, cloud_url)
+    except Exception as exc:
+        from device.cli import bluetooth_problem
+
+        if (problem := bluetooth_problem(exc)) is None:
+            raise
+        # It ran, then lost its radio: not a start-up problem (2), as for `device run`.
+        print(
+            f"doorstep hub: Bluetooth went away while accepting devices: {problem}", file=sys.stderr
+        )
+        return 1
 
 
 async def _device_phase(

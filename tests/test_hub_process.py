@@ -11,6 +11,7 @@ a phone scanning nearby sees. The in-memory twin is ``test_hub_memory.py``.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from pathlib import Path
 
@@ -217,6 +218,25 @@ async def test_a_hub_stopped_before_it_is_onboarded_says_so(
         await hub.kill(stop)
         assert hub.proc is not None and hub.proc.process.returncode == status
         assert hub_lines(hub)[-1] == "[hub] stopped before it was onboarded"
+
+
+async def test_a_hub_whose_bluetooth_goes_away_says_so_and_exits_1(tmp_path: Path) -> None:
+    """It said "no usable Bluetooth adapter" and exited 2, a start-up problem, where a
+    device that lost its radio says so and exits 1."""
+    async with running_stack(tmp_path, timing=False) as stack:
+        hub = await onboarded_hub(stack)
+        assert hub.proc is not None
+        (sim,) = [p for p in stack._procs if p.name == "sim"]
+        sim.expected_exit = hub.proc.expected_exit = True
+        os.killpg(sim.process.pid, signal.SIGTERM)  # bluetoothd goes away
+        try:  # the bound is for a hub that does not notice; it is no timing claim
+            code = await asyncio.wait_for(hub.proc.process.wait(), 30)
+        except TimeoutError:
+            raise AssertionError(f"the hub ran on:\n{hub.log_text()}") from None
+    assert code == 1
+    last = hub.log_text().splitlines()[-1]
+    assert last.startswith("doorstep hub: Bluetooth went away while accepting devices: "), last
+    assert "Traceback" not in hub.log_text()
 
 
 async def test_rejected_device_stays_untouched_and_advertising(
