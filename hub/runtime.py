@@ -97,9 +97,11 @@ class PendingDevice:
     detail: str = ""
     attempts: int = 0
     identifier: str = ""
+    settled_at: float | None = None  # when it was onboarded, rejected or failed for now
 
     def waiting_s(self, now: float) -> float:
-        return now - self.first_seen
+        """How long it waited: until ``now``, or until it was settled (the clock stops)."""
+        return (now if self.settled_at is None else self.settled_at) - self.first_seen
 
 
 @dataclass(frozen=True)
@@ -282,6 +284,7 @@ class HubCommissioner:
         self.changed()
 
     async def _onboard(self, pending: PendingDevice) -> None:
+        pending.settled_at = None  # tried again: its waiting goes on
         interrupted = self._unfinished.pop(pending.address, None)
         if interrupted is not None:  # an attempt a crash cut short, and the device is back
             await self._finish(interrupted, pending, None, final=False)
@@ -381,6 +384,7 @@ class HubCommissioner:
         self, pending: PendingDevice, report: OnboardingReport, retry: bool, attempt: int
     ) -> None:
         pending.detail = report.message
+        pending.settled_at = None if retry else self.clock()
         if report.ok:
             pending.progress = DeviceProgress.ONBOARDED
             pending.identifier = report.short_id

@@ -132,6 +132,17 @@ async def test_hub_onboards_20_devices_4_at_a_time(tmp_path: Path) -> None:
             assert rt.state.wifi is not None and rt.state.wifi.ssid == b"DoorstepHome"
 
 
+async def test_a_settled_device_stops_waiting(tmp_path: Path) -> None:
+    """The console's "Waiting" column went on counting after a device was onboarded."""
+    async with fleet(tmp_path, 2, {0: WifiFaults(dhcp_failure=True)}) as (air, cloud, _rt):
+        hub, _, _, _ = await run_hub(air, cloud, tmp_path, ScriptedOperator(True), 2)
+        for device in hub.devices.values():
+            assert device.progress in (DeviceProgress.ONBOARDED, DeviceProgress.FAILED)
+            assert device.settled_at is not None
+            waited = device.waiting_s(device.settled_at)
+            assert device.waiting_s(device.settled_at + 3600) == waited >= 0
+
+
 async def test_failed_join_reported_and_not_retried(tmp_path: Path) -> None:
     faults = {0: WifiFaults(dhcp_failure=True)}
     async with fleet(tmp_path, 2, faults) as (air, cloud, runtimes):
