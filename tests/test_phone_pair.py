@@ -336,7 +336,9 @@ async def test_wrong_passphrase_exits_with_wifi_status(
         assert summary["stage"] == "Join Wi-Fi"
         assert [s["stage"] for s in summary["stages"]] == STAGES[:6]
         assert list(summary["timings_s"]) == STAGES[:6]
-        assert sum(summary["timings_s"].values()) <= summary["total_s"]
+        # The stages fit in the total, up to the rounding of each figure to 0.1 ms.
+        timings = summary["timings_s"].values()
+        assert sum(timings) <= summary["total_s"] + 0.00005 * (len(timings) + 1)
         failed = [line for line in err.getvalue().splitlines() if " FAILED " in line]
         assert len(failed) == 1
         assert failed[0].startswith("Join Wi-Fi ")
