@@ -311,6 +311,59 @@ async def test_a_checkpoint_whose_passes_never_get_short_defers_the_writers_paus
         await registry.close()
 
 
+async def test_the_checkpointers_thread_syncs_both_files_before_the_writers_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer's last copy syncs the database file and the WAL: what the passes wrote
+    must already be on disk then, synced by the checkpointer's thread, not the loop's."""
+    from cloud.store import database as db
+
+    path = tmp_path / "c.db"
+    registry = await open_registry(f"sqlite:///{path}")
+    database = registry.database
+    assert isinstance(database, SqliteDatabase)
+    loop_thread = threading.get_native_id()
+    steps: list[tuple[str, str, bool]] = []
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        steps.append(("sync", name, threading.get_native_id() == loop_thread))
+        real_fdatasync(fd)
+
+    def copy(conn: sqlite3.Connection) -> None:
+        steps.append(("copy", "", threading.get_native_id() == loop_thread))
+
+    monkeypatch.setattr(db.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(db, "_checkpoint_passive", copy)
+    monkeypatch.setattr(db, "_CHECKPOINT_SHORT_PASS_S", 60.0)  # every pass is short
+    try:
+        await _add(registry, "ann")
+        await database.checkpoint()
+        assert steps == [
+            ("sync", "c.db", False),
+            ("sync", "c.db-wal", False),
+            ("copy", "", True),  # the writer's pause, between two batches
+        ]
+        # No WAL file (another process ended the last connection and removed it): the
+        # database file is still synced and the checkpoint goes on.
+        steps.clear()
+        await _add(registry, "bo")
+        real_open = os.open
+
+        def open_but_the_wal(name: str, flags: int) -> int:
+            if name.endswith("-wal"):
+                raise FileNotFoundError(2, "No such file or directory", name)
+            return real_open(name, flags)
+
+        monkeypatch.setattr(db.os, "open", open_but_the_wal)
+        await database.checkpoint()
+        assert steps == [("sync", "c.db", False), ("copy", "", True)]
+    finally:
+        monkeypatch.undo()
+        await registry.close()
+
+
 async def test_no_statement_of_a_batch_outlives_it(tmp_path: Path) -> None:
     """A body that reads one row of many must not leave its statement open: an open
     statement holds a snapshot, and the writer's checkpoint then fails."""
