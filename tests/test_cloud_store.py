@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -345,23 +346,41 @@ async def test_the_checkpointers_thread_syncs_both_files_before_the_writers_paus
             ("sync", "c.db-wal", False),
             ("copy", "", True),  # the writer's pause, between two batches
         ]
-        # No WAL file (another process ended the last connection and removed it): the
-        # database file is still synced and the checkpoint goes on.
-        steps.clear()
-        await _add(registry, "bo")
-        real_open = os.open
-
-        def open_but_the_wal(name: str, flags: int) -> int:
-            if name.endswith("-wal"):
-                raise FileNotFoundError(2, "No such file or directory", name)
-            return real_open(name, flags)
-
-        monkeypatch.setattr(db.os, "open", open_but_the_wal)
-        await database.checkpoint()
-        assert steps == [("sync", "c.db", False), ("copy", "", True)]
     finally:
-        monkeypatch.undo()
         await registry.close()
+
+
+async def test_syncing_for_a_checkpoint_keeps_the_locks_other_processes_rely_on(
+    tmp_path: Path,
+) -> None:
+    """The sync once opened and closed the database file: closing it dropped this process's
+    POSIX locks, SQLite's too. Another process that then closed the file took itself for
+    its last user and removed the WAL, and what the cloud wrote after that was lost."""
+    path = tmp_path / "c.db"
+    registry = await open_registry(f"sqlite:///{path}")
+    try:
+        database = registry.database
+        assert isinstance(database, SqliteDatabase)
+        await _add(registry, "ann")
+        await database.checkpoint()
+        await _add(registry, "bo")
+        other = (
+            "import sqlite3, sys\n"
+            "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "c.execute(\"INSERT INTO users (name, token_hash, created_at) VALUES ('cy', x'00', 0)\")\n"
+            "c.close()\n"
+        )
+        done = await asyncio.create_subprocess_exec(sys.executable, "-c", other, str(path))
+        assert await done.wait() == 0
+        assert path.with_name("c.db-wal").exists()
+        await _add(registry, "dee")
+    finally:
+        await registry.close()
+    reopened = await open_registry(f"sqlite:///{path}")
+    try:
+        assert sorted(await _user_names(reopened)) == ["ann", "bo", "cy", "dee"]
+    finally:
+        await reopened.close()
 
 
 async def test_no_statement_of_a_batch_outlives_it(tmp_path: Path) -> None:
