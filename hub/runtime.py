@@ -118,6 +118,9 @@ class DeviceOutcome:
     max_attempts: int = 1
     retry_in_s: float = 0.0
     final: bool = True  # False: tried again when it next advertises an open window
+    #: a failure outside DS1 (the cloud unreachable or failing, or refusing this hub): its
+    #: stable code, e.g. ``cloud_unavailable``, shown instead of the nearest DS1 status
+    cause: str = ""
 
     def line(self) -> str:
         """One log line: who, what happened, and for a failure its code and reason."""
@@ -125,7 +128,8 @@ class DeviceOutcome:
         if self.progress is DeviceProgress.ONBOARDED:
             note = f" ({printable(self.message, 96)})" if self.message else ""
             return f"{who}: onboarded as {self.identifier}{note}"
-        what = f"{int(self.status)} {self.status.name.lower()} ({printable(self.message, 96)})"
+        code = self.cause or f"{int(self.status)} {self.status.name.lower()}"
+        what = f"{code} ({printable(self.message, 96)})"
         if self.progress is DeviceProgress.RETRYING:
             return (
                 f"{who}: attempt {self.attempt}/{self.max_attempts} failed: {what}; "
@@ -134,6 +138,15 @@ class DeviceOutcome:
         verdict = "rejected" if self.progress is DeviceProgress.REJECTED else "failed"
         later = "" if self.final else "; will try again once its pairing window is open"
         return f"{who}: {verdict}: {what}{later}"
+
+
+def outside_ds1_cause(report: OnboardingReport) -> str:
+    """The stable code of a failure outside DS1 (``cloud_unavailable`` …), else "".
+
+    Its DS1 status is only the nearest one (``timed_out`` for a cloud that cannot be
+    reached): the operator is told the cause, as ``phone pair`` tells its user.
+    """
+    return report.cause if report.outside_ds1 and not report.ok else ""
 
 
 @dataclass
@@ -322,6 +335,7 @@ class HubCommissioner:
                     max_attempts=self.max_attempts,
                     retry_in_s=delay if retry else 0.0,
                     final=final,
+                    cause=outside_ds1_cause(report),
                 )
             )
             if retry:
@@ -421,7 +435,7 @@ class HubCommissioner:
                 dev_id=report.device.dev_id.hex() if report and report.device else None,
                 identifier=report.identifier.hex() if report and report.identifier else None,
                 status=int(status),
-                status_name=status.name.lower(),
+                status_name=(report and outside_ds1_cause(report)) or status.name.lower(),
                 stage=stage,
                 message=message,
                 attempt=pending.attempts,

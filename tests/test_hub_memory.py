@@ -189,9 +189,11 @@ async def test_a_device_failed_only_because_the_cloud_was_down_is_tried_again_la
         assert len(refusals) == 1 and len(rows) == 1
         assert not rows[0].final  # tried again when its window is next open
         assert lines == [
-            "Doorstep-0142 (C8:2B:96:1A:01:42): failed: 13 timed_out (Cannot reach the cloud.); "
-            "will try again once its pairing window is open"
+            "Doorstep-0142 (C8:2B:96:1A:01:42): failed: cloud_unavailable (Cannot reach the "
+            "cloud.); will try again once its pairing window is open"
         ]
+        # Its row says so too (``hub devices``), not the nearest DS1 status ("timed_out").
+        assert (rows[0].status, rows[0].status_name) == (13, "cloud_unavailable")
         async with HubRegistry(tmp_path / "hub.db") as registry:
             assert await registry.finished_addresses() == set()  # a restarted hub tries it
         cloud.bind_start = bind_start  # type: ignore[method-assign]
