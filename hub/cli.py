@@ -258,7 +258,20 @@ async def _commissioner_phase(args: argparse.Namespace, state: Any, cloud_url: s
                 await hub.run(stop)
         finally:
             await cloud.aclose()
+    _say(stopped_line(hub.stats))
     return 0
+
+
+def stopped_line(stats: HubStats) -> str:
+    """What a hub that was accepting devices says when it stops (it said nothing)."""
+    line = f"stopped: onboarded {stats.onboarded}, failed {stats.failed}, rejected {stats.rejected}"
+    if stats.cut_short == 1:
+        line += "; 1 onboarding in progress cut short (a restarted hub picks it up)"
+    elif stats.cut_short:
+        line += (
+            f"; {stats.cut_short} onboardings in progress cut short (a restarted hub picks them up)"
+        )
+    return line
 
 
 def cmd_devices(args: argparse.Namespace) -> int:

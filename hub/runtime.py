@@ -154,6 +154,8 @@ class HubStats:
     onboarded: int = 0
     failed: int = 0
     rejected: int = 0
+    #: onboardings still in progress when the hub was stopped (a restarted hub settles them)
+    cut_short: int = 0
     reports: list[OnboardingReport] = field(default_factory=list)
 
 
@@ -255,6 +257,7 @@ class HubCommissioner:
                 self.idle.clear() if self._tasks else self.idle.set()
                 await asyncio.sleep(0)
         finally:
+            self.stats.cut_short = sum(not task.done() for task in self._tasks.values())
             for task in list(self._tasks.values()):
                 task.cancel()
             for task in list(self._tasks.values()):

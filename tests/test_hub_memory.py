@@ -16,6 +16,7 @@ from device.runtime import DeviceRuntime
 from device.storage import DeviceStore
 from device.wifi import WifiEnvironment, WifiFaults
 from ds1_pair import LocalCloud, make_factory
+from hub.cli import stopped_line
 from hub.registry import HubRegistry, OnboardingRecord
 from hub.runtime import DeviceOutcome, DeviceProgress, HubCommissioner, ScriptedOperator
 from onboarding_helpers import LocalFleetBindService, ScriptedDeviceUser
@@ -197,6 +198,42 @@ async def test_a_device_failed_only_because_the_cloud_was_down_is_tried_again_la
         async with HubRegistry(tmp_path / "hub.db") as registry:
             assert await registry.finished_addresses() == set()  # a restarted hub tries it
         cloud.bind_start = bind_start  # type: ignore[method-assign]
+
+
+async def test_a_hub_stopped_mid_onboarding_says_how_many_it_cut_short(tmp_path: Path) -> None:
+    """A hub stopped while accepting devices said nothing; now its counts, and the
+    onboardings it cut short (here one waiting for its operator)."""
+
+    class Undecided:
+        asked = asyncio.Event()
+
+        async def confirm(self, device: object) -> bool:
+            self.asked.set()
+            await asyncio.Event().wait()  # the operator never answers
+            return False
+
+    async with fleet(tmp_path, 1) as (air, cloud, _runtimes):
+        async with HubRegistry(tmp_path / "hub.db") as registry:
+            operator = Undecided()
+            hub = HubCommissioner(
+                air.central(), cloud, operator, HOME, registry, scan_period_s=0.01
+            )
+            stop = asyncio.Event()
+            task = asyncio.create_task(hub.run(stop))
+            await asyncio.wait_for(operator.asked.wait(), 10)
+            stop.set()
+            await asyncio.wait_for(task, 10)
+            (row,) = await registry.all()
+    assert (hub.stats.onboarded, hub.stats.cut_short) == (0, 1)
+    assert stopped_line(hub.stats) == (
+        "stopped: onboarded 0, failed 0, rejected 0; 1 onboarding in progress cut short "
+        "(a restarted hub picks it up)"
+    )
+    hub.stats.cut_short = 2
+    assert stopped_line(hub.stats).endswith(
+        "; 2 onboardings in progress cut short (a restarted hub picks them up)"
+    )
+    assert not row.final  # unfinished: a restarted hub settles it
 
 
 async def test_rejected_device_stays_untouched_and_advertising(tmp_path: Path) -> None:

@@ -204,6 +204,10 @@ async def test_dropped_link_is_retried_and_each_attempt_is_reported(tmp_path: Pa
             "[device] Connection from a commissioner failed: 11 protocol_error (disconnected); "
             "waiting for a commissioner (pairing window open)"
         )
+        # Ctrl-C once it accepts devices: exit 0 and its counts (it used to stop silently).
+        await hub.kill(signal.SIGINT)
+        assert hub.proc is not None and hub.proc.process.returncode == 0
+        assert hub_lines(hub)[-1] == "[hub] stopped: onboarded 1, failed 0, rejected 0"
 
 
 @pytest.mark.parametrize(("stop", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
