@@ -111,8 +111,10 @@ class HubConsole(App[None]):
         if selected is not None and selected in self.hub.devices:
             table.move_cursor(row=table.get_row_index(selected))
         s = self.hub.stats
+        # A restarted hub said "Onboarded 0" however many it had brought in before.
+        before = f" (and {s.onboarded_before} before this run)" if s.onboarded_before else ""
         self.query_one("#summary", Static).update(
-            f"Onboarded {s.onboarded}   failed {s.failed}   rejected {s.rejected}   "
+            f"Onboarded {s.onboarded}{before}   failed {s.failed}   rejected {s.rejected}   "
             f"waiting for you {len(self.operator.waiting)}   parallel ≤ {self.hub.max_parallel}"
         )
 

@@ -194,6 +194,14 @@ class HubRegistry:
             latest[rec.address] = rec
         return sorted(latest.values(), key=lambda r: r.started_at)
 
+    async def onboarded_count(self) -> int:
+        """How many devices (by address) this hub has onboarded so far."""
+        async with self.db.execute(
+            "SELECT COUNT(DISTINCT address) FROM onboardings WHERE status = 0"
+        ) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
     async def finished_addresses(self) -> set[str]:
         """Devices the hub must not try again: onboarded, or failed for good."""
         async with self.db.execute(

@@ -154,6 +154,8 @@ class HubStats:
     onboarded: int = 0
     failed: int = 0
     rejected: int = 0
+    #: devices onboarded by earlier runs of this hub (its registry), for the console
+    onboarded_before: int = 0
     #: onboardings still in progress when the hub was stopped (a restarted hub settles them)
     cut_short: int = 0
     reports: list[OnboardingReport] = field(default_factory=list)
@@ -246,6 +248,7 @@ class HubCommissioner:
         """Scan and onboard until ``stop`` is set."""
         stop = stop or asyncio.Event()
         self._finished = await self.registry.finished_addresses()
+        self.stats.onboarded_before = await self.registry.onboarded_count()
         self._unfinished = {rec.address: row for row, rec in await self.registry.unfinished()}
         await self.settle()
         try:

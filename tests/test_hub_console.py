@@ -50,6 +50,17 @@ async def test_operator_accepts_one_and_rejects_another(tmp_path: Path) -> None:
                 )
                 assert hub.stats.onboarded == 1 and hub.stats.rejected == 1
                 await pilot.press("q")
+            # Restarted, the hub counts what it brought in before (it said "Onboarded 0").
+            hub = HubCommissioner(
+                air.central(), cloud, operator, HOME, registry, scan_period_s=0.01
+            )
+            app = HubConsole(hub, operator, title="test")
+            async with app.run_test(size=(100, 30)) as pilot:
+                await wait_for(lambda: hub.stats.onboarded_before == 1, pilot)
+                app.refresh_table()
+                summary = str(app.query_one("#summary").render())
+                assert summary.startswith("Onboarded 0 (and 1 before this run)   failed 0"), summary
+                await pilot.press("q")
         await asyncio.sleep(0.05)
         rejected = next(rt for rt in runtimes if rt.factory.mac_text == second)
         assert rejected.state.pending is None and rejected.state.active is None
