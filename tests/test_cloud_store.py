@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import sqlite3
 import sys
@@ -316,7 +317,9 @@ async def test_the_checkpointers_thread_syncs_both_files_before_the_writers_paus
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The writer's last copy syncs the database file and the WAL: what the passes wrote
-    must already be on disk then, synced by the checkpointer's thread, not the loop's."""
+    must already be on disk then, synced by the checkpointer's thread, not the loop's,
+    through the checkpointer connection's own descriptors, not the writer's (a write error
+    is reported once per open file: one reported to us must not be hidden from SQLite)."""
     from cloud.store import database as db
 
     path = tmp_path / "c.db"
@@ -326,8 +329,10 @@ async def test_the_checkpointers_thread_syncs_both_files_before_the_writers_paus
     loop_thread = threading.get_native_id()
     steps: list[tuple[str, str, bool]] = []
     real_fdatasync = os.fdatasync
+    own = {fd for fd, _, _ in database._checkpointer_files}
 
     def fdatasync(fd: int) -> None:
+        assert fd in own, fd
         name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
         steps.append(("sync", name, threading.get_native_id() == loop_thread))
         real_fdatasync(fd)
@@ -346,6 +351,50 @@ async def test_the_checkpointers_thread_syncs_both_files_before_the_writers_paus
             ("sync", "c.db-wal", False),
             ("copy", "", True),  # the writer's pause, between two batches
         ]
+    finally:
+        await registry.close()
+
+
+async def test_a_sync_that_fails_keeps_the_wal_for_the_next_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A disk that fails a write: what failed is still in the WAL, so the writer's copy (after
+    which the WAL starts over) is not made, and the error is logged; the next checkpoint
+    goes on. (SQLite's own passes sync, and report their failures, themselves.)"""
+    from cloud.store import database as db
+
+    path = tmp_path / "c.db"
+    registry = await open_registry(f"sqlite:///{path}")
+    database = registry.database
+    assert isinstance(database, SqliteDatabase)
+    copies: list[int] = []
+    real_copy = db._checkpoint_passive
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    def copy(conn: sqlite3.Connection) -> None:
+        copies.append(1)
+        real_copy(conn)
+
+    monkeypatch.setattr(db, "_checkpoint_passive", copy)
+    monkeypatch.setattr(db, "_CHECKPOINT_SHORT_PASS_S", 60.0)  # every pass is short
+    try:
+        await _add(registry, "ann")
+        monkeypatch.setattr(db.os, "fdatasync", failing)
+        with caplog.at_level("ERROR", logger="doorstep.cloud"):
+            await database.checkpoint()
+        assert copies == []
+        assert [r.getMessage() for r in caplog.records] == [
+            "cannot sync the database before a checkpoint: Input/output error"
+        ]
+        await _add(registry, "bo")
+        monkeypatch.undo()  # the disk is fine again
+        monkeypatch.setattr(db, "_checkpoint_passive", copy)
+        monkeypatch.setattr(db, "_CHECKPOINT_SHORT_PASS_S", 60.0)
+        await database.checkpoint()
+        assert copies == [1]
+        assert await _user_names(registry) == ["ann", "bo"]
     finally:
         await registry.close()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -182,10 +183,15 @@ class SqliteDatabase:
     dialect = "sqlite"
 
     def __init__(
-        self, conn: aiosqlite.Connection, checkpointer: aiosqlite.Connection | None = None
+        self,
+        conn: aiosqlite.Connection,
+        checkpointer: aiosqlite.Connection | None = None,
+        checkpointer_files: Sequence[_OpenFile] = (),
     ) -> None:
         self._conn = conn
         self._checkpointer = checkpointer
+        #: the checkpointer connection's own descriptors of the database file and its WAL
+        self._checkpointer_files = tuple(checkpointer_files)
         self._queue: list[tuple[Body[Any], asyncio.Future[Any], bool]] = []
         #: ``fn(connection)`` to run on the loop's thread between two batches
         self._between: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
@@ -220,13 +226,16 @@ class SqliteDatabase:
         try:
             if durable:
                 await conn.execute("PRAGMA synchronous=FULL")
-            checkpointer = None if path == ":memory:" else await cls._connect(path)
-            if checkpointer is not None:
+            checkpointer, files = None, []
+            if path != ":memory:":
+                before = _descriptors()
+                checkpointer = await cls._connect(path)  # its pragmas open the file and WAL
+                files = _opened_since(before, path)
                 await _in_connection_thread(checkpointer, _lower_thread_priority)
         except BaseException:
             await conn.close()
             raise
-        return cls(conn, checkpointer)
+        return cls(conn, checkpointer, files)
 
     @staticmethod
     async def _connect(path: str, busy_timeout_ms: int = _BUSY_TIMEOUT_MS) -> aiosqlite.Connection:
@@ -405,7 +414,13 @@ class SqliteDatabase:
             return
         # What the passes wrote is synced here, not in the writer's pause; what was
         # appended meanwhile is copied by one more pass.
-        await _in_connection_thread(self._checkpointer, _sync_files)
+        try:
+            await _in_connection_thread(self._checkpointer, _sync_files, self._checkpointer_files)
+        except OSError as exc:
+            # What failed to reach the disk is still in the WAL: no writer's copy (after
+            # which the WAL would start over); the next checkpoint tries again.
+            log.error("cannot sync the database before a checkpoint: %s", exc.strerror or exc)
+            return
         await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
         if not self._closed:
             # busy_timeout is 0 here: if another process is checkpointing, this just returns.
@@ -476,7 +491,48 @@ def _lower_thread_priority(_conn: sqlite3.Connection) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _CHECKPOINT_NICE)
 
 
-def _sync_files(conn: sqlite3.Connection) -> None:
+#: A descriptor of the database file or its WAL: (fd, st_dev, st_ino).
+_OpenFile = tuple[int, int, int]
+
+
+def _descriptors() -> set[tuple[int, int, int]]:
+    """This process's open descriptors as (fd, st_dev, st_ino); none without ``/proc``."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return set()
+    found = set()
+    for name in names:
+        with contextlib.suppress(OSError):  # closed meanwhile (the listing's own, say)
+            info = os.stat(f"/proc/self/fd/{name}")
+            found.add((int(name), info.st_dev, info.st_ino))
+    return found
+
+
+def _opened_since(before: set[_OpenFile], path: str) -> list[_OpenFile]:
+    """The descriptors of the database at ``path`` and its WAL opened since ``before``.
+
+    The checkpointer connection's own: :func:`_sync_files` syncs through them.
+    Opening the files itself is not an option: closing any descriptor of the
+    database file drops every POSIX lock this process holds on it, SQLite's
+    included, and another process may then take the database for unused and
+    remove its WAL. Nor are the writer's descriptors: a write error is reported
+    once per open file, and one reported to us would be hidden from SQLite.
+    Descriptors are told apart by number and file, as numbers are reused.
+    """
+    wanted = set()
+    for name in (path, path + "-wal"):
+        with contextlib.suppress(OSError):
+            info = os.stat(name)
+            wanted.add((info.st_dev, info.st_ino))
+    return sorted(
+        (fd, device, inode)
+        for fd, device, inode in _descriptors() - before
+        if (device, inode) in wanted
+    )
+
+
+def _sync_files(_conn: sqlite3.Connection, files: Sequence[_OpenFile]) -> None:
     """On the checkpointer's thread: ``fdatasync`` the database file and its WAL.
 
     The writer's final copy syncs both files, and the database file then held
@@ -484,28 +540,21 @@ def _sync_files(conn: sqlite3.Connection) -> None:
     end of the WAL, which under load they never do): megabytes. Synced here
     first, the writer's pause went from p90 8 ms, at most 10–12 ms, to p90
     2.4–2.8 ms, at most 3.5 ms (``bench/cloud_load.py``, 36–45 checkpoints a run).
-
-    Through the descriptors SQLite holds, found in ``/proc/self/fd``: this never
-    opens the files itself, because closing any descriptor of the database file
-    drops every POSIX lock this process holds on it, SQLite's included, and
-    another process may then take the database for unused and remove its WAL.
-    Without ``/proc`` nothing is synced here, and the writer's copy does it all.
+    Without such descriptors (no ``/proc``) nothing is synced here, and the
+    writer's copy does it all. A failed sync raises ``OSError``.
     """
-    main = os.path.realpath(conn.execute("PRAGMA database_list").fetchone()[2])
-    unsynced = {main, main + "-wal"}
-    try:
-        descriptors = os.listdir("/proc/self/fd")
-    except OSError:
-        return
-    for fd in descriptors:
+    for fd, device, inode in files:
         try:
-            name = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:  # closed meanwhile (our listing's own descriptor, say)
+            info = os.fstat(fd)
+        except OSError:
             continue
-        if name in unsynced:
-            unsynced.discard(name)
-            with contextlib.suppress(OSError):
-                os.fdatasync(int(fd))
+        if (info.st_dev, info.st_ino) != (device, inode):  # not the file it was
+            continue
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: this file cannot be synced at all
+                raise
 
 
 def _checkpoint_passive(conn: sqlite3.Connection) -> None:
