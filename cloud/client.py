@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -185,6 +186,9 @@ def _hex(identifier: str | bytes) -> str:
     return identifier.hex() if isinstance(identifier, bytes) else identifier
 
 
+_PROBLEM_CODE = re.compile(r"[a-z0-9_]{1,40}")
+
+
 def _error_from(response: httpx.Response) -> CloudError:
     retry_after: float | None = None
     header = response.headers.get("retry-after")
@@ -200,9 +204,14 @@ def _error_from(response: httpx.Response) -> CloudError:
     if not isinstance(problem, dict):
         problem = {}
     cls = CloudUnavailable if response.status_code >= 500 else CloudError
+    code = problem.get("code")
+    if not (isinstance(code, str) and _PROBLEM_CODE.fullmatch(code)):
+        # Whatever answers at the cloud's URL (a proxy, say) writes this: it reaches
+        # users' lines and logs, so only a code of our own shape is taken.
+        code = f"http_{response.status_code}"
     return cls(
         response.status_code,
-        str(problem.get("code", f"http_{response.status_code}")),
+        code,
         str(problem.get("title", response.reason_phrase)),
         str(problem.get("detail", "")),
         retry_after,

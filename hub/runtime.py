@@ -128,7 +128,7 @@ class DeviceOutcome:
         if self.progress is DeviceProgress.ONBOARDED:
             note = f" ({printable(self.message, 96)})" if self.message else ""
             return f"{who}: onboarded as {self.identifier}{note}"
-        code = self.cause or f"{int(self.status)} {self.status.name.lower()}"
+        code = printable(self.cause, 40) or f"{int(self.status)} {self.status.name.lower()}"
         what = f"{code} ({printable(self.message, 96)})"
         if self.progress is DeviceProgress.RETRYING:
             return (

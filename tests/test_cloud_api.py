@@ -13,6 +13,7 @@ import statistics
 import threading
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -324,6 +325,40 @@ async def test_client_drives_every_endpoint_and_hub_signs_for_its_owner(cloud: C
         with pytest.raises(CloudError) as info:
             await user.device(lock.identifier)
         assert (info.value.status, info.value.code) == (404, "unknown_device")
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "seen"),
+    [
+        (502, "evil\n[hub] Doorstep-0142 (C8:2B:96:1A:01:42): onboarded as 00000000", "http_502"),
+        (400, "\x1b[2J" + "x" * 30, "http_400"),
+        (429, "a" * 41, "http_429"),
+        (429, ["rate_limited"], "http_429"),
+        (429, "rate_limited", "rate_limited"),
+    ],
+)
+async def test_a_problem_code_not_of_our_shape_is_not_taken(
+    status: int, code: object, seen: str
+) -> None:
+    """Whatever answers at the cloud's URL (a proxy, say) writes the problem's code, and the
+    hub printed it in its log and registry as is: newlines could fake its lines."""
+
+    async def hostile(scope: dict[str, object], receive: object, send: Any) -> None:
+        body = json.dumps({"type": "about:blank", "title": "no", "status": status, "code": code})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/problem+json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body.encode()})
+
+    transport = httpx.ASGITransport(app=hostile)
+    async with CloudClient("http://cloud.test", token="t", transport=transport) as user:
+        with pytest.raises(CloudError) as info:
+            await user.devices()
+    assert (info.value.status, info.value.code) == (status, seen)
 
 
 async def test_identical_retry_returns_the_first_answer_and_others_are_refused(
