@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from pathlib import Path
 
 from ble.memory import MemoryAir
@@ -20,6 +21,7 @@ from hub.cli import stopped_line
 from hub.registry import HubRegistry, OnboardingRecord
 from hub.runtime import DeviceOutcome, DeviceProgress, HubCommissioner, ScriptedOperator
 from onboarding_helpers import LocalFleetBindService, ScriptedDeviceUser
+from phone.cloudlink import CloudLink
 from phone.commissioner import NetworkChoice
 from protocol.errors import Status
 
@@ -60,7 +62,7 @@ async def fleet(tmp_path: Path, count: int, wifi_faults: dict[int, WifiFaults] |
 
 async def run_hub(
     air: MemoryAir,
-    cloud: LocalFleetBindService,
+    cloud: LocalFleetBindService | CloudLink,
     tmp_path: Path,
     operator: ScriptedOperator,
     expected: int,
@@ -172,22 +174,19 @@ async def test_a_device_failed_only_because_the_cloud_was_down_is_tried_again_la
     tmp_path: Path,
 ) -> None:
     """Its last failed try was final: the hub, restarts included, never tried it again."""
-    from phone.cloudlink import CloudRefused
-
-    async with fleet(tmp_path, 1) as (air, cloud, _runtimes):
-        bind_start, refusals = cloud.bind_start, []
-
-        async def unreachable(request: object) -> object:
-            refusals.append(request)
-            raise CloudRefused(
-                Status.TIMED_OUT, "cloud_unavailable", "Cannot reach the cloud.", "", transient=True
-            )
-
-        cloud.bind_start = unreachable  # type: ignore[method-assign]
-        # One try: after it the device backs off (§5.6), and a retry meets that instead.
-        operator = ScriptedOperator(True)
-        _hub, rows, _, lines = await run_hub(air, cloud, tmp_path, operator, 1, max_attempts=1)
-        assert len(refusals) == 1 and len(rows) == 1
+    async with fleet(tmp_path, 1) as (air, _cloud, _runtimes):
+        with socket.socket() as unreachable:
+            unreachable.bind(("127.0.0.1", 0))  # bound, never listening: connections refused
+            link = CloudLink(f"http://127.0.0.1:{unreachable.getsockname()[1]}", "dst_token")
+            # One try: after it the device backs off (§5.6), and a retry meets that instead.
+            operator = ScriptedOperator(True)
+            try:
+                _hub, rows, _, lines = await run_hub(
+                    air, link, tmp_path, operator, 1, max_attempts=1
+                )
+            finally:
+                await link.aclose()
+        assert len(rows) == 1
         assert not rows[0].final  # tried again when its window is next open
         assert lines == [
             "Doorstep-0142 (C8:2B:96:1A:01:42): failed: cloud_unavailable (Cannot reach the "
@@ -197,7 +196,6 @@ async def test_a_device_failed_only_because_the_cloud_was_down_is_tried_again_la
         assert (rows[0].status, rows[0].status_name) == (13, "cloud_unavailable")
         async with HubRegistry(tmp_path / "hub.db") as registry:
             assert await registry.finished_addresses() == set()  # a restarted hub tries it
-        cloud.bind_start = bind_start  # type: ignore[method-assign]
 
 
 async def test_a_hub_stopped_mid_onboarding_says_how_many_it_cut_short(tmp_path: Path) -> None:
