@@ -313,6 +313,7 @@ async def test_a_checkpoint_whose_passes_never_get_short_defers_the_writers_paus
         await registry.close()
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="finds descriptors in /proc")
 async def test_the_checkpointers_thread_syncs_both_files_before_the_writers_pause(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
