@@ -66,7 +66,7 @@ class Settings:
     maintenance_interval_s: float = 10.0
     #: How often it checkpoints SQLite's WAL (if anything was written): under full
     #: load the WAL grows ~100 MB a second, and requests slow down as it grows;
-    #: each checkpoint ends with a pause of the writer (~1.7 ms, at most ~3.5 ms
+    #: each checkpoint ends with a pause of the writer (~1.4 ms, at most ~4 ms
     #: in ``bench/cloud_load.py``; docs/OPERATIONS.md says why). Every 0.1 s
     #: rather than 0.25 s, each copies less at once, and p99 at half the peak
     #: rate in ``bench/cloud_load.py`` stayed ≤ 8.1 ms in 7 runs, against 7.6–32 ms

@@ -186,12 +186,12 @@ class SqliteDatabase:
         self,
         conn: aiosqlite.Connection,
         checkpointer: aiosqlite.Connection | None = None,
-        checkpointer_files: Sequence[_OpenFile] = (),
+        sync_file: _SyncFile | None = None,
     ) -> None:
         self._conn = conn
         self._checkpointer = checkpointer
-        #: the checkpointer connection's own descriptors of the database file and its WAL
-        self._checkpointer_files = tuple(checkpointer_files)
+        #: our own descriptor of the database file, for the sync before the writer's copy
+        self._sync_file = sync_file
         self._queue: list[tuple[Body[Any], asyncio.Future[Any], bool]] = []
         #: ``fn(connection)`` to run on the loop's thread between two batches
         self._between: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
@@ -226,16 +226,13 @@ class SqliteDatabase:
         try:
             if durable:
                 await conn.execute("PRAGMA synchronous=FULL")
-            checkpointer, files = None, []
-            if path != ":memory:":
-                before = _descriptors()
-                checkpointer = await cls._connect(path)  # its pragmas open the file and WAL
-                files = _opened_since(before, path)
+            checkpointer = None if path == ":memory:" else await cls._connect(path)
+            if checkpointer is not None:
                 await _in_connection_thread(checkpointer, _lower_thread_priority)
         except BaseException:
             await conn.close()
             raise
-        return cls(conn, checkpointer, files)
+        return cls(conn, checkpointer, None if checkpointer is None else _SyncFile.take(path))
 
     @staticmethod
     async def _connect(path: str, busy_timeout_ms: int = _BUSY_TIMEOUT_MS) -> aiosqlite.Connection:
@@ -414,13 +411,13 @@ class SqliteDatabase:
             return
         # What the passes wrote is synced here, not in the writer's pause; what was
         # appended meanwhile is copied by one more pass.
-        try:
-            await _in_connection_thread(self._checkpointer, _sync_files, self._checkpointer_files)
-        except OSError as exc:
-            # What failed to reach the disk is still in the WAL: no writer's copy (after
-            # which the WAL would start over); the next checkpoint tries again.
-            log.error("cannot sync the database before a checkpoint: %s", exc.strerror or exc)
-            return
+        if self._sync_file is not None:
+            try:
+                await _in_connection_thread(self._checkpointer, self._sync_file.sync)
+            except OSError as exc:
+                # Reported on our own descriptors only: SQLite's report it again to SQLite,
+                # whose copy below syncs as it always did.
+                log.warning("no sync before a checkpoint: %s", exc.strerror or exc)
         await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
         if not self._closed:
             # busy_timeout is 0 here: if another process is checkpointing, this just returns.
@@ -453,6 +450,9 @@ class SqliteDatabase:
                     await self._checkpointer.close()
         finally:
             await self._conn.close()
+            if self._sync_file is not None:
+                self._sync_file.release()
+                self._sync_file = None
 
 
 async def _thread_ended(conn: aiosqlite.Connection) -> None:
@@ -491,70 +491,75 @@ def _lower_thread_priority(_conn: sqlite3.Connection) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _CHECKPOINT_NICE)
 
 
-#: A descriptor of the database file or its WAL: (fd, st_dev, st_ino).
-_OpenFile = tuple[int, int, int]
+class _SyncFile:
+    """Our own read-only descriptor of a database file, to ``fdatasync`` it and its WAL.
 
+    The writer's final checkpoint copy syncs both files, and the database file
+    then held every page the background passes had copied (they sync it only
+    when they reach the end of the WAL, which under load they never do):
+    megabytes. Synced on the checkpointer's thread first, the writer's pause
+    went from p90 8 ms, at most 10–12 ms, to p90 2.1–2.8 ms, at most 3.9 ms
+    (``bench/cloud_load.py``).
 
-def _descriptors() -> set[tuple[int, int, int]]:
-    """This process's open descriptors as (fd, st_dev, st_ino); none without ``/proc``."""
-    try:
-        names = os.listdir("/proc/self/fd")
-    except OSError:
-        return set()
-    found = set()
-    for name in names:
-        with contextlib.suppress(OSError):  # closed meanwhile (the listing's own, say)
-            info = os.stat(f"/proc/self/fd/{name}")
-            found.add((int(name), info.st_dev, info.st_ino))
-    return found
-
-
-def _opened_since(before: set[_OpenFile], path: str) -> list[_OpenFile]:
-    """The descriptors of the database at ``path`` and its WAL opened since ``before``.
-
-    The checkpointer connection's own: :func:`_sync_files` syncs through them.
-    Opening the files itself is not an option: closing any descriptor of the
-    database file drops every POSIX lock this process holds on it, SQLite's
-    included, and another process may then take the database for unused and
-    remove its WAL. Nor are the writer's descriptors: a write error is reported
-    once per open file, and one reported to us would be hidden from SQLite.
-    Descriptors are told apart by number and file, as numbers are reused.
+    Why a descriptor of our own, kept open: a write error is reported once per
+    open file, so a sync through one of SQLite's would take the report SQLite
+    needs (it then marks the WAL copied over pages that never reached the
+    disk); ours gets its own report and SQLite still gets its. And closing any
+    descriptor of the database file drops every POSIX lock the process holds on
+    it, SQLite's too (another process may then take the database for unused
+    and remove its WAL): so there is one per file and process, shared, closed
+    when the last :class:`SqliteDatabase` on the file closes, after its
+    connections. The WAL holds no such locks: it is opened for each sync.
     """
-    wanted = set()
-    for name in (path, path + "-wal"):
-        with contextlib.suppress(OSError):
-            info = os.stat(name)
-            wanted.add((info.st_dev, info.st_ino))
-    return sorted(
-        (fd, device, inode)
-        for fd, device, inode in _descriptors() - before
-        if (device, inode) in wanted
-    )
 
+    _open: dict[tuple[int, int], _SyncFile] = {}
 
-def _sync_files(_conn: sqlite3.Connection, files: Sequence[_OpenFile]) -> None:
-    """On the checkpointer's thread: ``fdatasync`` the database file and its WAL.
+    def __init__(self, key: tuple[int, int], fd: int, wal: str) -> None:
+        self.key, self.fd, self.wal, self.users = key, fd, wal, 1
 
-    The writer's final copy syncs both files, and the database file then held
-    every page the passes had copied (they sync it only when they reach the
-    end of the WAL, which under load they never do): megabytes. Synced here
-    first, the writer's pause went from p90 8 ms, at most 10–12 ms, to p90
-    2.4–2.8 ms, at most 3.5 ms (``bench/cloud_load.py``, 36–45 checkpoints a run).
-    Without such descriptors (no ``/proc``) nothing is synced here, and the
-    writer's copy does it all. A failed sync raises ``OSError``.
-    """
-    for fd, device, inode in files:
+    @classmethod
+    def take(cls, path: str) -> _SyncFile | None:
+        """The file's shared descriptor (opened if this is the first user), or None."""
         try:
-            info = os.fstat(fd)
+            info = os.stat(path)
+            shared = cls._open.get((info.st_dev, info.st_ino))
+            if shared is not None:
+                shared.users += 1
+                return shared
+            fd = os.open(path, os.O_RDONLY)
         except OSError:
-            continue
-        if (info.st_dev, info.st_ino) != (device, inode):  # not the file it was
-            continue
+            return None  # the writer's copy syncs everything, as without this
+        opened = os.fstat(fd)
+        shared = cls._open[(opened.st_dev, opened.st_ino)] = _SyncFile(
+            (opened.st_dev, opened.st_ino), fd, os.path.realpath(path) + "-wal"
+        )
+        return shared
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            del self._open[self.key]
+            os.close(self.fd)
+
+    def sync(self, _conn: sqlite3.Connection) -> None:
+        """On the checkpointer's thread: the database file, then its WAL. Raises OSError."""
+        _datasync(self.fd)
         try:
-            os.fdatasync(fd)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:  # EINVAL: this file cannot be synced at all
-                raise
+            fd = os.open(self.wal, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            _datasync(fd)
+        finally:
+            os.close(fd)
+
+
+def _datasync(fd: int) -> None:
+    try:
+        getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EROFS):  # a file that cannot be synced
+            raise
 
 
 def _checkpoint_passive(conn: sqlite3.Connection) -> None:
