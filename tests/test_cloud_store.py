@@ -375,6 +375,7 @@ async def test_a_sync_that_fails_leaves_the_checkpoint_to_sqlite(
     assert isinstance(database, SqliteDatabase)
     copies: list[int] = []
     real_copy = db._checkpoint_passive
+    real_fdatasync = os.fdatasync
 
     def failing(fd: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
@@ -390,12 +391,18 @@ async def test_a_sync_that_fails_leaves_the_checkpoint_to_sqlite(
         monkeypatch.setattr(db.os, "fdatasync", failing)
         with caplog.at_level("WARNING", logger="doorstep.cloud"):
             await database.checkpoint()
+            assert copies == [1]
+            await _add(registry, "bo")
+            await database.checkpoint()  # still failing: not said again
+            monkeypatch.setattr(db.os, "fdatasync", real_fdatasync)  # the disk is fine again
+            await _add(registry, "cy")
+            await database.checkpoint()
         assert [r.getMessage() for r in caplog.records] == [
-            "no sync before a checkpoint: Input/output error"
+            "no sync before a checkpoint: Input/output error",
+            "syncs before checkpoints work again",
         ]
-        assert copies == [1]
-        await _add(registry, "bo")
-        assert await _user_names(registry) == ["ann", "bo"]
+        assert copies == [1, 1, 1]
+        assert await _user_names(registry) == ["ann", "bo", "cy"]
     finally:
         await registry.close()
 

@@ -192,6 +192,7 @@ class SqliteDatabase:
         self._checkpointer = checkpointer
         #: our own descriptor of the database file, for the sync before the writer's copy
         self._sync_file = sync_file
+        self._sync_failing = False  # the last such sync failed (see checkpoint)
         self._queue: list[tuple[Body[Any], asyncio.Future[Any], bool]] = []
         #: ``fn(connection)`` to run on the loop's thread between two batches
         self._between: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
@@ -416,8 +417,14 @@ class SqliteDatabase:
                 await _in_connection_thread(self._checkpointer, self._sync_file.sync)
             except OSError as exc:
                 # Reported on our own descriptors only: SQLite's report it again to SQLite,
-                # whose copy below syncs as it always did.
-                log.warning("no sync before a checkpoint: %s", exc.strerror or exc)
+                # whose copy below syncs as it always did. Said once while it lasts.
+                if not self._sync_failing:
+                    log.warning("no sync before a checkpoint: %s", exc.strerror or exc)
+                self._sync_failing = True
+            else:
+                if self._sync_failing:
+                    log.warning("syncs before checkpoints work again")
+                self._sync_failing = False
         await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
         if not self._closed:
             # busy_timeout is 0 here: if another process is checkpointing, this just returns.
