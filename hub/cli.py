@@ -218,7 +218,7 @@ class _OutcomeLog:
         counts = (s.onboarded, s.failed, s.rejected)
         if counts != self.last:
             self.last = counts
-            _say(f"onboarded {s.onboarded}, failed {s.failed}, rejected {s.rejected}")
+            _say(counts_text(s))
 
 
 async def _commissioner_phase(args: argparse.Namespace, state: Any, cloud_url: str) -> int:
@@ -262,9 +262,13 @@ async def _commissioner_phase(args: argparse.Namespace, state: Any, cloud_url: s
     return 0
 
 
+def counts_text(stats: HubStats) -> str:
+    return f"onboarded {stats.onboarded}, failed {stats.failed}, rejected {stats.rejected}"
+
+
 def stopped_line(stats: HubStats) -> str:
     """What a hub that was accepting devices says when it stops (it said nothing)."""
-    line = f"stopped: onboarded {stats.onboarded}, failed {stats.failed}, rejected {stats.rejected}"
+    line = f"stopped: {counts_text(stats)}"
     if stats.cut_short == 1:
         line += "; 1 onboarding in progress cut short (a restarted hub picks it up)"
     elif stats.cut_short:
